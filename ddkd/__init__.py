@@ -1,0 +1,13 @@
+"""ddkd: dataset distillation via knowledge distillation.
+
+The method follows Joshi, Ni and Mirzasoleiman, "Dataset Distillation via Knowledge
+Distillation: Towards Efficient Self-Supervised Pre-Training of Deep Networks" (ICLR 2025,
+arXiv 2410.02116, "MKDT"). The stages meet only through files: ``ddkd teach`` writes a run
+directory (teacher, targets, expert trajectories) that the later stages read.
+"""
+
+__version__ = "0.1.0"
+
+from ddkd.errors import DDKDError  # noqa: E402
+
+__all__ = ["DDKDError", "__version__"]

@@ -1,0 +1,183 @@
+"""The ``ddkd`` command line: ``ddkd teach`` (more stages join as they land).
+
+Configuration is resolved as: stage defaults (the published MKDT values) <- recipe (``--recipe``
+FILE or the name of a shipped recipe; ``ddkd teach`` with none uses ``fashion-mnist``, the CPU
+default) <- ``--set section.key=value`` <- named flags. Heavy imports happen inside the
+subcommand so that ``--help`` is instant. A user error prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ddkd.errors import ConfigError, DDKDError
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEFAULT_TEACH_RECIPE = "fashion-mnist"
+
+
+def recipe_path(name_or_file: str) -> Path:
+    """A recipe file, or the name of one shipped in ``recipes/`` (with or without .toml)."""
+    path = Path(name_or_file)
+    if path.is_file():
+        return path
+    shipped = RECIPES / (name_or_file if name_or_file.endswith(".toml") else f"{name_or_file}.toml")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
+    raise ConfigError(f"--recipe {name_or_file!r} is neither a file nor a shipped recipe ({names})")
+
+
+def stage_values(recipe: Path, stage: str) -> dict:
+    """The ``[stage]`` table of a recipe (recipes may hold several stages)."""
+    from ddkd.config import load_recipe
+
+    values = load_recipe(recipe)
+    unknown = set(values) - {"teach", "synthesize", "evaluate", "description"}
+    if unknown:
+        raise ConfigError(f"recipe {recipe}: unknown top-level tables {sorted(unknown)}; "
+                          "valid: teach, synthesize, evaluate")
+    return values.get(stage, {})
+
+
+def _teach_flags(args: argparse.Namespace) -> dict:
+    """Named flags -> nested config values (they win over the recipe and --set)."""
+    flags: dict = {"data": {}, "teacher": {}, "experts": {}}
+    if args.dataset is not None:
+        flags["data"]["dataset"] = args.dataset
+    if args.data_root is not None:
+        flags["data"]["data_root"] = args.data_root
+    if args.subset is not None:
+        flags["data"]["subset"] = args.subset
+    trains = args.train_teacher or args.teacher_epochs is not None or args.ssl is not None
+    if args.teacher_checkpoint is not None:
+        if trains:
+            raise ConfigError("--teacher-checkpoint cannot be combined with --train-teacher, "
+                              "--teacher-epochs or --ssl: either bring a teacher or train one")
+        flags["teacher"].update(source="checkpoint", checkpoint=args.teacher_checkpoint)
+    elif trains:
+        flags["teacher"]["source"] = "train"
+    if args.ssl is not None:
+        flags["teacher"]["ssl"] = args.ssl
+    if args.teacher_epochs is not None:
+        flags["teacher"]["epochs"] = args.teacher_epochs
+    if args.experts is not None:
+        flags["experts"]["num_experts"] = args.experts
+    if args.expert_epochs is not None:
+        flags["experts"]["epochs"] = args.expert_epochs
+    if args.seed is not None:
+        flags["seed"] = args.seed
+    return {k: v for k, v in flags.items() if v != {}}
+
+
+def cmd_teach(args: argparse.Namespace) -> int:
+    from ddkd.config import TeachConfig, build_config, merge, parse_overrides, to_json
+    from ddkd.runtime import resolve_device, seed_everything
+    from ddkd.teach.runner import run_teach
+
+    recipe = recipe_path(args.recipe or DEFAULT_TEACH_RECIPE)
+    values = stage_values(recipe, "teach")
+    values = merge(values, parse_overrides(args.set or []))
+    flags = _teach_flags(args)
+    recipe_data = values.get("data", {})
+    if args.dataset is not None and args.dataset != recipe_data.get("dataset", "fashion-mnist"):
+        # A recipe's subset was sized for its own dataset: another --dataset starts whole.
+        recipe_data.pop("subset", None)
+    config = build_config(TeachConfig, merge(values, flags))
+    device = resolve_device(args.device)
+    seed_everything(config.seed)
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in config.data.dataset)
+    out = Path(args.out) if args.out else Path("runs") / f"teach-{slug}-seed{config.seed}"
+    logging.getLogger(__name__).info("recipe %s, device %s, run directory %s", recipe, device, out)
+    logging.getLogger(__name__).debug("resolved configuration:\n%s", to_json(config))
+    summary = run_teach(config, out, device, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress, command=sys.argv)
+    _print_teach_summary(summary)
+    return 0
+
+
+def _print_teach_summary(summary: dict) -> None:
+    knn = summary["teacher_knn"]
+    loss = summary["expert_final_loss_mean"]
+    lines = [
+        f"ddkd teach: done in {summary['seconds']:.0f}s -> {summary['run']}",
+        f"  data            {summary['dataset']}, {summary['train_images']} training images, "
+        f"targets of dimension {summary['target_dim']}",
+        f"  kNN (k={knn['k']}, test) teacher {100 * knn['teacher']:.2f}%  |  random-init "
+        f"network {100 * knn['random_init']:.2f}%  |  raw pixels {100 * knn['raw_pixels']:.2f}%",
+        f"  experts         {summary['experts']} x {summary['expert_epochs']} epochs"
+        + (f", final KD loss (mean) {loss:.4g}" if loss is not None else ""),
+    ]
+    print("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddkd",
+        description="Dataset distillation via knowledge distillation (MKDT, ICLR 2025).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    teach = sub.add_parser(
+        "teach",
+        help="teacher -> targets -> KD students' trajectories (the experts)",
+        description=(
+            "Train or load an SSL teacher, compute its representations of the training images, "
+            "and record the trajectories of ConvNet students trained to regress them. With no "
+            "arguments: the CPU default on Fashion-MNIST with the shipped teacher (~8 min on 2 "
+            "cores). Paper scale: --recipe cifar10-paper --data-root DIR (GPU)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    teach.add_argument("--recipe", help=f"TOML recipe file or shipped recipe name "
+                       f"(default: {DEFAULT_TEACH_RECIPE}; shipped: see ddkd/recipes)")
+    teach.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override any setting, e.g. --set experts.lr=0.05 (repeatable)")
+    teach.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, "
+                       "cifar10-samples, cifar100-samples or imagefolder:PATH")
+    teach.add_argument("--data-root", help="folder holding the dataset (cifar: torchvision layout)")
+    teach.add_argument("--subset", type=int, help="use N training images (seeded random subset)")
+    teach.add_argument("--ssl", help="train the teacher with barlowtwins, simclr, byol or vicreg")
+    teach.add_argument("--train-teacher", action="store_true",
+                       help="train an SSL teacher instead of using the shipped one")
+    teach.add_argument("--teacher-epochs", type=int, help="SSL epochs (implies --train-teacher); "
+                       "a useful teacher needs tens of epochs")
+    teach.add_argument("--teacher-checkpoint", help="bring a teacher: ddkd .h5 weights, or a "
+                       ".pt state dict of the configured ResNet (or of --set "
+                       "teacher.factory=package.module:function)")
+    teach.add_argument("--experts", type=int, help="number of expert students K (paper: 100)")
+    teach.add_argument("--expert-epochs", type=int, help="epochs per expert (paper: 20)")
+    teach.add_argument("--seed", type=int, help="seed of everything random in the run")
+    teach.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    teach.add_argument("--out", help="run directory (default: runs/teach-DATASET-seedS)")
+    teach.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    teach.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    teach.add_argument("--no-progress", action="store_true", help="no progress bars")
+    teach.set_defaults(func=cmd_teach)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except DDKDError as err:
+        print(f"ddkd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddkd {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

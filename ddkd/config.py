@@ -1,0 +1,259 @@
+"""Typed, frozen, validated configuration of every stage.
+
+A configuration is built from defaults, then a TOML recipe (``--recipe``), then ``--set
+section.key=value`` overrides, then the named CLI flags, in that order. Each value is coerced to
+its field's type; an unknown section or key lists the valid ones. The resolved configuration is
+written as JSON into every run and compared on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddkd.errors import ConfigError
+
+
+def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run distils."""
+
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    subset: int | None = None  # use N training images (a seeded random subset); None = all
+
+    def __post_init__(self) -> None:
+        from ddkd.data.datasets import DATASET_NAMES, is_valid_name
+
+        if not is_valid_name(self.dataset):
+            raise ConfigError(
+                f"--dataset {self.dataset!r} is unknown; valid: {', '.join(DATASET_NAMES)}"
+            )
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"--subset must be >= 1, got {self.subset}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The SSL teacher: where it comes from and, when trained, how."""
+
+    source: str = "shipped"  # shipped | train | checkpoint
+    checkpoint: str | None = None  # ddkd .h5 weights, or a .pt/.pth state dict
+    factory: str | None = None  # "package.module:function" building the checkpoint's module
+    arch: str = "resnet18"  # resnet10 | resnet18 | resnet34 (CIFAR stem)
+    base_width: int = 64  # 64 is the paper's; 16 (quarter width) for CPU runs
+    ssl: str = "barlowtwins"
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.1  # SGD lr for batch 256 (scaled linearly), warm-up then cosine
+    weight_decay: float = 5e-4
+    proj_dim: int = 1024  # width of the projection head
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        from ddkd.teach.teacher import SSL_METHODS
+
+        if self.source not in ("shipped", "train", "checkpoint"):
+            raise ConfigError(
+                f"teacher.source must be shipped, train or checkpoint, got {self.source!r}"
+            )
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ConfigError("teacher.source = checkpoint needs --teacher-checkpoint FILE")
+        if self.ssl not in SSL_METHODS:
+            raise ConfigError(f"--ssl {self.ssl!r} is unknown; valid: {', '.join(SSL_METHODS)}")
+        if self.arch not in ("resnet10", "resnet18", "resnet34"):
+            raise ConfigError(f"teacher.arch {self.arch!r}; valid: resnet10, resnet18, resnet34")
+        for name in ("base_width", "epochs", "batch_size", "lr", "proj_dim", "knn_k"):
+            _positive(f"teacher.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student ConvNet (METHOD.md section 1); its head maps to the target dimension."""
+
+    arch: str = "convnet"
+    depth: int = 3
+    width: int = 128
+    norm: str = "instancenorm"
+
+    def __post_init__(self) -> None:
+        if self.arch != "convnet":
+            raise ConfigError(f"student.arch {self.arch!r}; valid: convnet")
+        if self.norm not in ("instancenorm", "batchnorm", "none"):
+            raise ConfigError(f"student.norm {self.norm!r}; valid: instancenorm, batchnorm, none")
+        _positive("student.depth", self.depth)
+        _positive("student.width", self.width)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """KD students whose trajectories become the experts (MKDT defaults)."""
+
+    num_experts: int = 100
+    epochs: int = 20
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    objective: str = "mse"
+    dtype: str = "float32"  # on-disk dtype of the snapshots: float32 | float16
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"--experts must be >= 0, got {self.num_experts}")
+        _positive("--expert-epochs", self.epochs)
+        _positive("experts.lr", self.lr)
+        _positive("experts.batch_size", self.batch_size)
+        if self.objective != "mse":
+            raise ConfigError(f"--objective {self.objective!r} is unknown; valid: mse")
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
+
+
+@dataclass(frozen=True)
+class TeachConfig:
+    """Everything that determines the outputs of ``ddkd teach``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    seed: int = 0
+
+
+# --- building from recipes and overrides ---------------------------------------------------
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce ``value`` (from TOML or a ``--set`` string) to the field type ``annotation``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing, "types": types})  # noqa: S307 (own hints)
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{where} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}"
+        ) from err
+    return value
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def build_config(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, coercing types and rejecting unknown keys."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}{key}"
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown setting {name!r}; valid here: {valid}")
+        f = fields[key]
+        hint = typing.get_type_hints(cls)[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} is a section; set its keys as {name}.KEY=VALUE")
+            kwargs[key] = build_config(hint, value, where=f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, hint, name)
+        del f
+    return cls(**kwargs)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["experts.lr=0.05", "seed=1"]`` -> ``{"experts": {"lr": "0.05"}, "seed": "1"}``."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another --set")
+        node[keys[-1]] = value.strip()
+    return out
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a TOML recipe into a nested dict (validated when the config is built)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--recipe {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--recipe {path} is not valid TOML: {err}") from err
+
+
+def resolve(cls: type, recipe: str | Path | None, overrides: list[str], flags: dict) -> Any:
+    """defaults <- recipe <- --set overrides <- named flags, validated into ``cls``.
+
+    A recipe may hold sections for several stages (``[teach.*]``, ``[synthesize]``...); only
+    the part for ``cls`` is read: a top-level table named like the stage, or the whole file.
+    """
+    values: dict = {}
+    if recipe is not None:
+        values = load_recipe(recipe)
+    values = merge(values, parse_overrides(overrides))
+    values = merge(values, flags)
+    return build_config(cls, values)

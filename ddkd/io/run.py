@@ -1,0 +1,153 @@
+"""The run directory written by ``ddkd teach`` and read by the later stages.
+
+Layout::
+
+    RUN/
+      config.json         {"stage": "teach", "config": resolved TeachConfig}
+      environment.json    library versions, git revision, command line, input checksums
+      teacher.h5          the teacher (ddkd weights file: state, architecture, normalisation)
+      targets.h5          /targets (N, D) float32, /indices (N,) into the train split
+      experts.h5          the trajectories (see ddkd.io.experts)
+      metrics.jsonl       one JSON line per epoch of every phase
+      summary.json        written last: its presence means the run is complete
+      checkpoints/        resumable state of unfinished phases (removed when done)
+      experts.partial/    finished experts of an unfinished run (removed when assembled)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ddkd.errors import ConfigError, FileFormatError
+from ddkd.io.atomic import atomic_path, write_json
+
+TARGETS_FORMAT = "ddkd-targets"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher.h5"
+
+    @property
+    def targets(self) -> Path:
+        return self.root / "targets.h5"
+
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts.h5"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def expert_shards(self) -> Path:
+        return self.root / "experts.partial"
+
+    def is_complete(self) -> bool:
+        return self.summary.is_file()
+
+
+def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite: bool) -> RunDir:
+    """Create ``root`` for a new run, or check it for ``--resume``.
+
+    A new run refuses an existing non-empty directory unless ``overwrite`` (which deletes it,
+    but only if it is a ddkd run directory). ``--resume`` requires the same configuration.
+    """
+    run = RunDir(Path(root))
+    record = {"stage": "teach", "config": config_dict}
+    exists = run.root.exists() and any(run.root.iterdir())
+    if resume:
+        if not run.config.is_file():
+            raise ConfigError(
+                f"--resume: {run.root} holds no ddkd run (no config.json); drop --resume to "
+                "start a new run there"
+            )
+        previous = json.loads(run.config.read_text())
+        if previous != record:
+            diffs = _diff(previous.get("config", {}), config_dict)
+            raise ConfigError(
+                f"--resume: the configuration differs from the run in {run.root} "
+                f"({'; '.join(diffs[:5])}); resume with the same options or use a new --out"
+            )
+        return run
+    if exists:
+        if not overwrite:
+            raise ConfigError(
+                f"--out {run.root} already exists; pass --resume to continue it or --overwrite "
+                "to replace it"
+            )
+        if not run.config.is_file():
+            raise ConfigError(
+                f"--overwrite: {run.root} is not a ddkd run directory (no config.json); "
+                "refusing to delete it, choose another --out"
+            )
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json(run.config, record)
+    return run
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: run has {a!r}, now {b!r}")
+    return out
+
+
+def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta: dict) -> None:
+    """Atomically write the ``(N, D)`` target matrix and the train-split indices it covers."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            fh.attrs["format"] = TARGETS_FORMAT
+            fh.attrs["format_version"] = 1
+            fh.attrs["meta"] = json.dumps(meta, sort_keys=True)
+            fh.create_dataset("targets", data=targets.numpy().astype(np.float32))
+            fh.create_dataset("indices", data=indices.numpy().astype(np.int64))
+
+
+def load_targets(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """-> ``(targets (N, D) float32, indices (N,) int64, meta)``."""
+    try:
+        with h5py.File(path, "r") as fh:
+            if fh.attrs.get("format") != TARGETS_FORMAT:
+                raise FileFormatError(f"{path} is not a ddkd targets file")
+            targets = torch.from_numpy(fh["targets"][()])
+            indices = torch.from_numpy(fh["indices"][()])
+            meta = json.loads(fh.attrs["meta"])
+    except OSError as err:
+        raise FileFormatError(f"{path} is not a readable HDF5 file: {err}") from err
+    if targets.shape[0] != indices.shape[0]:
+        raise FileFormatError(f"{path}: {targets.shape[0]} targets but {indices.shape[0]} indices")
+    return targets, indices, meta

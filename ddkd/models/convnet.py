@@ -1,0 +1,79 @@
+"""The ConvNet of the dataset-distillation literature (the MKDT/MTT student).
+
+Follows Gidaris & Komodakis (2018) as used by Wang et al. (2018), Cazenavette et al. (MTT,
+CVPR 2022) and Joshi et al. (MKDT, ICLR 2025): ``depth`` blocks of conv3x3 (padding 1) ->
+instance norm (``GroupNorm(width, width, affine=True)``) -> ReLU -> AvgPool2d(2), then a flatten
+and a linear head to the target dimension. At 32x32 and depth 3 the flattened feature is
+``width * 4 * 4`` (2048 at width 128); at 28x28 it is ``width * 3 * 3`` (1152).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConvNetConfig:
+    """Everything needed to rebuild a ConvNet (stored in every experts file and set)."""
+
+    in_channels: int = 3
+    image_size: int = 32
+    depth: int = 3
+    width: int = 128
+    norm: str = "instancenorm"  # instancenorm | batchnorm | none
+    out_dim: int = 512  # target dimension of the head; 0 drops the head
+
+    def feature_dim(self) -> int:
+        size = self.image_size
+        for _ in range(self.depth):
+            size //= 2
+        return self.width * size * size
+
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "instancenorm":
+        # GroupNorm with one group per channel is instance norm with a learnable affine.
+        return nn.GroupNorm(channels, channels, affine=True)
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; expected instancenorm, batchnorm or none")
+
+
+class ConvNet(nn.Module):
+    """Depth-``d`` ConvNet; ``forward`` returns the head output, ``features`` the flat features.
+
+    Shapes: input ``(B, C, H, W)``; ``features`` ``(B, feature_dim)``; output ``(B, out_dim)``.
+
+    Example:
+        >>> net = ConvNet(ConvNetConfig(in_channels=1, image_size=28, out_dim=64))
+        >>> net(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(self, config: ConvNetConfig):
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        channels = config.in_channels
+        for _ in range(config.depth):
+            layers += [
+                nn.Conv2d(channels, config.width, kernel_size=3, padding=1),
+                _norm_layer(config.norm, config.width),
+                nn.ReLU(inplace=False),
+                nn.AvgPool2d(2),
+            ]
+            channels = config.width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(config.feature_dim(), config.out_dim) if config.out_dim else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(1)  # (B, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x)
+        return self.head(feats) if self.head is not None else feats

@@ -1,0 +1,112 @@
+"""Seeding, devices, checksums and the environment record of a run.
+
+Library code never reseeds globally: it takes a seed or a :class:`torch.Generator`. The CLI
+calls :func:`seed_everything` once, at the edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch once for the whole process (CLI edge only)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, *streams: int) -> torch.Generator:
+    """A CPU generator for the sub-stream ``streams`` of ``seed``.
+
+    Derived deterministically, so that e.g. expert ``k`` of a run always draws the same
+    initialisation and data order however many experts ran before it (this is what makes a
+    resumed run equal an uninterrupted one).
+    """
+    material = ",".join(str(s) for s in (seed, *streams)).encode()
+    derived = int.from_bytes(hashlib.sha256(material).digest()[:8], "little") & (2**63 - 1)
+    gen = torch.Generator()
+    gen.manual_seed(derived)
+    return gen
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
+    return device
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tensor(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's contiguous CPU bytes (dtype and shape included)."""
+    array = tensor.detach().cpu().contiguous().numpy()
+    digest = hashlib.sha256(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def git_revision() -> str | None:
+    """The git revision of the ddkd checkout, or None when not installed from git."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_record() -> dict:
+    """Library versions and machine facts, written next to every run's outputs."""
+    import ddkd
+
+    record = {
+        "ddkd": ddkd.__version__,
+        "git_revision": git_revision(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    for name in ("torchvision", "kornia", "h5py", "lightly", "tqdm"):
+        try:
+            module = __import__(name)
+            record[name] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            record[name] = None
+    return record

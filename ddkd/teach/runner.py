@@ -1,0 +1,289 @@
+"""``ddkd teach``: teacher -> targets -> kNN report -> experts, resumable phase by phase.
+
+Every phase writes its output atomically into the run directory; ``--resume`` skips the phases
+whose outputs exist, continues SSL training from its last epoch checkpoint, and trains only the
+experts that have no shard yet. Each expert draws its initialisation and data order from its own
+stream of the run's seed, so a resumed run writes the same experts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ddkd.config import TeachConfig, to_dict
+from ddkd.data.datasets import ImageTensors, load_dataset
+from ddkd.data.transforms import Normalization
+from ddkd.errors import ConfigError
+from ddkd.io.atomic import append_jsonl, atomic_path, write_json
+from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
+from ddkd.io.run import RunDir, load_targets, prepare_run_dir, save_targets
+from ddkd.io.weights import load_weights, save_weights
+from ddkd.models.convnet import ConvNetConfig
+from ddkd.models.functional import ParamSpec
+from ddkd.models.resnet import ResNet
+from ddkd.probes import extract_features, knn_accuracy
+from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.teach import sources
+from ddkd.teach.experts import init_student, train_expert
+from ddkd.teach.targets import compute_targets
+from ddkd.teach.teacher import SSLSchedule, TeacherTrainer, recalibrate_batchnorm
+
+log = logging.getLogger(__name__)
+
+_STREAM_SUBSET, _STREAM_RANDOM_NET, _STREAM_TEACHER_INIT = 10, 30, 31
+
+
+def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True, leave=False)
+
+
+def select_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of the training images a run uses (all, or a seeded random subset)."""
+    if subset is None:
+        return torch.arange(n)
+    if subset > n:
+        raise ConfigError(f"--subset {subset} is larger than the dataset ({n} training images)")
+    gen = make_generator(seed, _STREAM_SUBSET)
+    return torch.randperm(n, generator=gen)[:subset].sort().values
+
+
+def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_dim: int):
+    c, h, w = image_shape
+    if h != w:
+        raise ConfigError(f"images are {h}x{w}; the ConvNet student needs square images")
+    return ConvNetConfig(
+        in_channels=c, image_size=h, depth=config.student.depth, width=config.student.width,
+        norm=config.student.norm, out_dim=out_dim,
+    )
+
+
+class _Teacher:
+    """The resolved teacher before training: module, description, normalisation, source file."""
+
+    def __init__(self, net, arch: dict, meta: dict, normalize: Normalization, file: Path | None):
+        self.net, self.arch, self.meta, self.normalize, self.file = net, arch, meta, normalize, file
+
+
+def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
+    """Load (or build untrained) the teacher and check it fits the data, before any writing."""
+    tc = config.teacher
+    channels = train.shape[0]
+    fitted = Normalization.fit(train.images)
+    if tc.source == "train":
+        rc = sources.resnet_config(tc, channels)
+        gen = make_generator(config.seed, _STREAM_TEACHER_INIT)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            net = ResNet(rc)
+        return _Teacher(net, {"kind": "resnet", **asdict(rc)}, {}, fitted, None)
+    if tc.source == "shipped":
+        path = sources.shipped_teacher_path(config.data.dataset)
+        net, arch, meta = sources.load_checkpoint_teacher(str(path), tc, channels, None)
+        where = f"the shipped teacher {path.name}"
+    else:
+        path = Path(tc.checkpoint)  # type: ignore[arg-type]
+        net, arch, meta = sources.load_checkpoint_teacher(str(path), tc, channels, tc.factory)
+        where = f"--teacher-checkpoint {path}"
+    norm = meta.get("normalization")
+    normalize = Normalization(tuple(norm["mean"]), tuple(norm["std"])) if norm else fitted
+    if len(normalize.mean) != channels:
+        raise ConfigError(f"{where} was trained on {len(normalize.mean)}-channel images, "
+                          f"but {train.name} has {channels}")
+    sources.check_teacher_output(net, normalize(train.images[:2]), where)
+    return _Teacher(net, arch, meta, normalize, path)
+
+
+def run_teach(
+    config: TeachConfig,
+    out: str | Path,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> dict:
+    """Run ``ddkd teach`` into ``out``; returns the summary (also written to summary.json)."""
+    t_start = time.time()
+    # Everything that can fail on user input is checked before the run directory is touched.
+    full_train = load_dataset(config.data.dataset, "train", config.data.data_root)
+    test = load_dataset(config.data.dataset, "test", config.data.data_root)
+    indices = select_subset(len(full_train), config.data.subset, config.seed)
+    train = full_train.subset(indices)
+    teacher = _resolve_teacher(config, train)
+    run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
+    if run.is_complete():
+        log.info("run %s is already complete", run.root)
+        return json.loads(run.summary.read_text())
+    env = environment_record()
+    env["command"] = command
+    env["inputs"] = {
+        "dataset": config.data.dataset,
+        "train_checksum": train.checksum(),
+        "test_checksum": test.checksum(),
+        "teacher_file": str(teacher.file) if teacher.file else None,
+        "teacher_checksum": sha256_file(teacher.file) if teacher.file else None,
+    }
+    write_json(run.environment, env)
+    teacher.net.to(device)
+
+    # Phase 1: the teacher.
+    if run.teacher.is_file():
+        state, _, _, meta = load_weights(run.teacher)
+        teacher.net.load_state_dict(state)
+        teacher.meta = meta
+    elif config.teacher.source == "train":
+        _train_teacher(config, teacher, train, run, device, progress)
+    teacher.net.eval()
+
+    # Phase 2: the targets.
+    if run.targets.is_file():
+        z_train, _, _ = load_targets(run.targets)
+    else:
+        bar = _bar(len(train), "targets", "img", progress)
+        z_train = compute_targets(teacher.net, train.images, teacher.normalize, device,
+                                  on_batch=bar.update)
+        bar.close()
+        save_targets(run.targets, z_train, indices, {"normalization": asdict(teacher.normalize),
+                                                     "teacher": teacher.arch})
+
+    # Phase 3: what the teacher's features are worth (saved with the teacher).
+    if not run.teacher.is_file():
+        knn = _knn_report(config, teacher, train, test, z_train, device)
+        meta = {**teacher.meta, "normalization": asdict(teacher.normalize), "knn": knn,
+                "source": config.teacher.source, "source_file": env["inputs"]["teacher_file"],
+                "source_checksum": env["inputs"]["teacher_checksum"]}
+        kind = teacher.arch["kind"]
+        arch_config = {k: v for k, v in teacher.arch.items() if k != "kind"}
+        save_weights(run.teacher, teacher.net.state_dict(), kind, arch_config, meta)
+        teacher.meta = meta
+        append_jsonl(run.metrics, {"phase": "knn", **knn})
+    knn = teacher.meta["knn"]
+    log.info("kNN accuracy on %s test (k=%d): teacher %.2f%%, random-init network %.2f%%, "
+             "raw pixels %.2f%%", config.data.dataset, config.teacher.knn_k,
+             100 * knn["teacher"], 100 * knn["random_init"], 100 * knn["raw_pixels"])
+
+    # Phase 4: the experts.
+    expert_losses = _record_experts(config, train, z_train, teacher.normalize, run, device,
+                                    progress)
+    summary = {
+        "run": str(run.root),
+        "dataset": config.data.dataset,
+        "train_images": len(train),
+        "target_dim": int(z_train.shape[1]),
+        "teacher_knn": knn,
+        "experts": config.experts.num_experts,
+        "expert_epochs": config.experts.epochs,
+        "expert_final_loss_mean": (sum(expert_losses) / len(expert_losses)
+                                   if expert_losses else None),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    write_json(run.summary, summary)
+    return summary
+
+
+def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, run: RunDir,
+                   device: torch.device, progress: bool) -> None:
+    tc = config.teacher
+    trainer = TeacherTrainer(
+        teacher.net, teacher.net.config.feature_dim, tc.ssl,
+        SSLSchedule(tc.epochs, tc.batch_size, tc.lr, tc.weight_decay),
+        teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim,
+    )
+    ckpt = run.checkpoints / "teacher.pt"
+    if ckpt.is_file():
+        trainer.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        log.info("resuming teacher training after epoch %d", trainer.epoch)
+    steps = max(1, len(train) // min(tc.batch_size, len(train)))
+    bar = _bar(tc.epochs * steps, f"teacher ({tc.ssl})", "step", progress)
+    bar.update(trainer.epoch * steps)
+    while trainer.epoch < tc.epochs:
+        t0 = time.time()
+        loss = trainer.train_epoch(train.images, on_step=lambda i, v: (
+            bar.update(1), bar.set_postfix(epoch=trainer.epoch + 1, loss=f"{v:.3g}")))
+        append_jsonl(run.metrics, {"phase": "teacher", "epoch": trainer.epoch, "loss": loss,
+                                   "seconds": round(time.time() - t0, 2)})
+        with atomic_path(ckpt) as tmp:
+            torch.save(trainer.state_dict(), tmp)
+    bar.close()
+    recalibrate_batchnorm(teacher.net, train.images, teacher.normalize, device)
+    teacher.meta = {"ssl": tc.ssl, "epochs": tc.epochs, "seed": config.seed,
+                    "dataset": config.data.dataset}
+
+
+def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
+                test: ImageTensors, z_train: torch.Tensor, device: torch.device) -> dict:
+    """kNN accuracy of the teacher, of a randomly initialised twin, and of raw pixels."""
+    k, norm = config.teacher.knn_k, teacher.normalize
+    labels = (train.labels, test.labels)
+    z_test = extract_features(teacher.net, test.images, norm, device)
+    if teacher.arch["kind"] == "factory":
+        random_net = sources.build_from_factory(teacher.arch["factory"])
+    else:
+        gen = make_generator(config.seed, _STREAM_RANDOM_NET)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            random_net = type(teacher.net)(teacher.net.config)
+    # As initialised (running stats 0/1): re-estimating them on data gives random features
+    # that score lower still on kNN, which would flatter the teacher.
+    random_net.to(device)
+    r_train = extract_features(random_net, train.images, norm, device)
+    r_test = extract_features(random_net, test.images, norm, device)
+    px_train = norm(train.images).flatten(1)
+    px_test = norm(test.images).flatten(1)
+    nc = train.num_classes
+    return {
+        "k": k,
+        "teacher": knn_accuracy(z_train, labels[0], z_test, labels[1], nc, k),
+        "random_init": knn_accuracy(r_train, labels[0], r_test, labels[1], nc, k),
+        "raw_pixels": knn_accuracy(px_train, labels[0], px_test, labels[1], nc, k),
+        "bank": len(train),
+        "queries": len(test),
+    }
+
+
+def _record_experts(config: TeachConfig, train: ImageTensors, z_train: torch.Tensor,
+                    normalize: Normalization, run: RunDir, device: torch.device,
+                    progress: bool) -> list[float]:
+    """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses."""
+    ec = config.experts
+    if ec.num_experts == 0:
+        return []
+    if not run.experts.is_file():
+        sc = student_config(config, train.shape, int(z_train.shape[1]))
+        x_train = normalize(train.images.to(device))  # (N, C, H, W) float, kept on the device
+        z_dev = z_train.to(device)
+        run.expert_shards.mkdir(exist_ok=True)
+        bar = _bar(ec.num_experts * ec.epochs, "experts", "epoch", progress)
+        for k in range(ec.num_experts):
+            shard = run.expert_shards / f"expert_{k:04d}.h5"
+            if shard.is_file():
+                bar.update(ec.epochs)
+                continue
+
+            def on_epoch(epoch: int, loss: float, k: int = k) -> None:
+                bar.update(1)
+                bar.set_postfix(expert=k, loss=f"{loss:.4g}")
+                append_jsonl(run.metrics, {"phase": "expert", "expert": k, "epoch": epoch + 1,
+                                           "loss": loss})
+
+            trajectory, losses = train_expert(sc, ec, x_train, z_dev, config.seed, k, on_epoch)
+            write_expert_shard(shard, trajectory, losses, seed=config.seed, dtype=ec.dtype)
+        bar.close()
+        spec = ParamSpec.of(init_student(sc, config.seed, 0))
+        header = ExpertsHeader(
+            num_experts=ec.num_experts, epochs=ec.epochs, n_params=spec.numel, dtype=ec.dtype,
+            student=asdict(sc), param_spec=spec, experts_config=asdict(ec),
+            objective=ec.objective, seed=config.seed,
+        )
+        assemble_experts(run.experts, run.expert_shards, header)
+    with ExpertsFile(run.experts) as experts:
+        return [float(experts.losses(k)[-1]) for k in range(len(experts))]

@@ -1,0 +1,218 @@
+"""The SSL teacher: a CIFAR-stem ResNet trained with one of lightly's SSL objectives.
+
+MKDT (Joshi et al., ICLR 2025) trains a ResNet-18 teacher with Barlow Twins (Zbontar et al.,
+ICML 2021); SimCLR (Chen et al., ICML 2020), BYOL (Grill et al., NeurIPS 2020) and VICReg
+(Bardes et al., ICLR 2022) are offered as alternatives. Losses and heads are lightly's; the
+augmentations are :func:`ddkd.data.ssl_augmentation` (lightly's parameters, applied batched).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddkd.data.transforms import Normalization, ssl_augmentation
+from ddkd.errors import TrainingError
+from ddkd.runtime import make_generator
+
+log = logging.getLogger(__name__)
+
+SSL_METHODS = ("barlowtwins", "simclr", "byol", "vicreg")
+
+
+@dataclass(frozen=True)
+class SSLSchedule:
+    """Optimisation of the teacher (SGD with warm-up then cosine decay, per step)."""
+
+    epochs: int
+    batch_size: int
+    lr: float  # for batch 256; scaled linearly with batch_size
+    weight_decay: float
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+
+
+class SSLModel(nn.Module):
+    """Backbone + lightly projection head (+ predictor and momentum copy for BYOL)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, method: str, proj_dim: int):
+        super().__init__()
+        from lightly import loss as L
+        from lightly.models.modules import heads as H
+
+        if method not in SSL_METHODS:
+            raise ValueError(f"unknown SSL method {method!r}; valid: {', '.join(SSL_METHODS)}")
+        self.method = method
+        self.backbone = backbone
+        hidden = proj_dim
+        if method == "barlowtwins":
+            self.head = H.BarlowTwinsProjectionHead(feature_dim, hidden, proj_dim)
+            self.criterion = L.BarlowTwinsLoss()
+        elif method == "simclr":
+            self.head = H.SimCLRProjectionHead(feature_dim, hidden, 128)
+            self.criterion = L.NTXentLoss(temperature=0.2)
+        elif method == "vicreg":
+            self.head = H.VICRegProjectionHead(feature_dim, hidden, proj_dim)
+            self.criterion = L.VICRegLoss()
+        else:  # byol
+            self.head = H.BYOLProjectionHead(feature_dim, hidden, 256)
+            self.predictor = H.BYOLPredictionHead(256, hidden, 256)
+            self.criterion = L.NegativeCosineSimilarity()
+            self.backbone_momentum = copy.deepcopy(backbone).requires_grad_(False)
+            self.head_momentum = copy.deepcopy(self.head).requires_grad_(False)
+
+    def loss(self, view_a: torch.Tensor, view_b: torch.Tensor, progress: float) -> torch.Tensor:
+        """SSL loss of two augmented views ``(B, C, H, W)``; ``progress`` in [0, 1] (BYOL tau)."""
+        if self.method != "byol":
+            z_a = self.head(self.backbone(view_a))
+            z_b = self.head(self.backbone(view_b))
+            return self.criterion(z_a, z_b)
+        from lightly.models.utils import update_momentum
+
+        tau = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * progress) + 1) / 2
+        update_momentum(self.backbone, self.backbone_momentum, tau)
+        update_momentum(self.head, self.head_momentum, tau)
+        p_a = self.predictor(self.head(self.backbone(view_a)))
+        p_b = self.predictor(self.head(self.backbone(view_b)))
+        with torch.no_grad():
+            t_a = self.head_momentum(self.backbone_momentum(view_a))
+            t_b = self.head_momentum(self.backbone_momentum(view_b))
+        return 0.5 * (self.criterion(p_a, t_b) + self.criterion(p_b, t_a))
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up then cosine decay to zero (precomputed per step, as DINO does)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TeacherTrainer:
+    """Epoch-resumable SSL training of ``backbone`` on uint8 images.
+
+    Every epoch draws its data order and augmentations from a generator derived from
+    ``(seed, epoch)``, so a run resumed from the checkpoint of epoch ``e`` continues exactly as
+    the uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        method: str,
+        schedule: SSLSchedule,
+        normalize: Normalization,
+        image_shape: tuple[int, int, int],
+        device: torch.device,
+        seed: int,
+        proj_dim: int = 1024,
+    ):
+        self.model = SSLModel(backbone, feature_dim, method, proj_dim).to(device)
+        self.schedule = schedule
+        self.normalize = normalize
+        self.augment = ssl_augmentation(image_shape[0], image_shape[1]).to(device)
+        self.device = device
+        self.seed = seed
+        self.base_lr = schedule.lr * schedule.batch_size / 256
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=self.base_lr,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+        )
+        self.epoch = 0  # completed epochs
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+
+    def train_epoch(
+        self, images: torch.Tensor, on_step: Callable[[int, float], None] | None = None
+    ) -> float:
+        """One epoch over ``images`` ``(N, C, H, W)`` uint8; returns the mean loss."""
+        sched = self.schedule
+        n = images.shape[0]
+        batch = min(sched.batch_size, n)
+        steps_per_epoch = max(1, n // batch)  # drop the last partial batch (BN, BT statistics)
+        total = steps_per_epoch * sched.epochs
+        warmup = min(total, steps_per_epoch * sched.warmup_epochs)
+        gen = make_generator(self.seed, 1, self.epoch)
+        order = torch.randperm(n, generator=gen)
+        self.model.train()
+        losses = []
+        # kornia draws from the global RNG: fork it so the epoch is reproducible on its own.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            for i in range(steps_per_epoch):
+                step = self.epoch * steps_per_epoch + i
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, warmup, self.base_lr)
+                idx = order[i * batch : (i + 1) * batch]
+                x = images[idx].to(self.device, non_blocking=True).float() / 255.0
+                view_a = self.normalize(self.augment(x))
+                view_b = self.normalize(self.augment(x))
+                loss = self.model.loss(view_a, view_b, progress=step / total)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"teacher SSL loss became {value} at epoch {self.epoch + 1}, step {i + 1}; "
+                        "lower --set teacher.lr or change --seed"
+                    )
+                losses.append(value)
+                if on_step is not None:
+                    on_step(i, value)
+        self.epoch += 1
+        return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    net: nn.Module,
+    images: torch.Tensor,
+    normalize: Normalization,
+    device: torch.device,
+    batch_size: int = 256,
+    max_images: int = 10_000,
+) -> None:
+    """Re-estimate BatchNorm running statistics on un-augmented images ("precise BN").
+
+    Follows Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021): the exponential moving
+    averages kept during SSL training describe *augmented* batches and lag the weights; the
+    teacher is then used in eval mode on clean images. Short trainings are the extreme case:
+    after a few steps the running variance is still ~1 and eval-mode features explode through
+    the residual stages. A cumulative average over a pass of clean images fixes both. Used for
+    the trained teacher and for the randomly initialised network it is compared with.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the pass
+    was_training = net.training
+    net.train()
+    for start in range(0, min(images.shape[0], max_images), batch_size):
+        net(normalize(images[start : start + batch_size].to(device)))
+    for m, (momentum, _) in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    net.train(was_training)

@@ -1,0 +1,230 @@
+"""``ddkd teach`` end to end on a tiny image folder (seconds), plus its bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ddkd.cli import main
+from ddkd.io.experts import ExpertsFile
+from ddkd.io.run import load_targets
+from ddkd.io.weights import load_weights
+from ddkd.models import ResNet, ResNetConfig
+
+TINY = [
+    "--train-teacher", "--teacher-epochs", "1", "--experts", "2", "--expert-epochs", "2",
+    "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
+    "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
+    "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
+    "--seed", "3", "--no-progress",
+]
+
+
+def teach(folder, out, *extra):
+    return main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(out), *TINY,
+                 *extra])
+
+
+def test_teach_end_to_end_writes_a_complete_run(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert teach(tiny_folder, out) == 0
+    printed = capsys.readouterr().out
+    assert "kNN" in printed and "random-init" in printed and "raw pixels" in printed
+    for name in ("config.json", "environment.json", "teacher.h5", "targets.h5", "experts.h5",
+                 "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "experts.partial").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["stage"] == "teach" and config["config"]["experts"]["num_experts"] == 2
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and len(env["inputs"]["train_checksum"]) == 64
+    targets, indices, _ = load_targets(out / "targets.h5")
+    assert targets.shape == (24, 32) and indices.tolist() == list(range(24))
+    state, kind, arch, meta = load_weights(out / "teacher.h5")
+    assert kind == "resnet" and arch["base_width"] == 4
+    assert set(meta["knn"]) >= {"teacher", "random_init", "raw_pixels"}
+    with ExpertsFile(out / "experts.h5") as experts:
+        assert len(experts) == 2 and experts.header.epochs == 2
+        assert experts.header.student["out_dim"] == 32
+    phases = [json.loads(line)["phase"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert phases.count("teacher") == 1 and phases.count("expert") == 4
+
+
+def test_same_seed_same_run(tiny_folder, tmp_path):
+    teach(tiny_folder, tmp_path / "a")
+    teach(tiny_folder, tmp_path / "b")
+    with h5py.File(tmp_path / "a" / "experts.h5") as a, h5py.File(tmp_path / "b" / "experts.h5") as b:
+        assert np.array_equal(a["experts/0001"][()], b["experts/0001"][()])
+
+
+def _experts(path):
+    with ExpertsFile(path) as experts:
+        return [experts.trajectory(k) for k in range(len(experts))]
+
+
+def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert teach(tiny_folder, straight, "--teacher-epochs", "2") == 0
+
+    # Interrupt once in the middle of teacher training, once between two experts.
+    from ddkd.teach import runner, teacher
+
+    original_epoch = teacher.TeacherTrainer.train_epoch
+    calls = {"epochs": 0, "experts": 0}
+
+    def interrupted_epoch(self, *args, **kwargs):
+        calls["epochs"] += 1
+        if calls["epochs"] == 2:
+            raise KeyboardInterrupt
+        return original_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(teacher.TeacherTrainer, "train_epoch", interrupted_epoch)
+    resumed = tmp_path / "resumed"
+    assert teach(tiny_folder, resumed, "--teacher-epochs", "2") == 130
+    assert not (resumed / "teacher.h5").exists() and not (resumed / "summary.json").exists()
+    monkeypatch.setattr(teacher.TeacherTrainer, "train_epoch", original_epoch)
+
+    original_expert = runner.train_expert
+
+    def interrupted_expert(*args, **kwargs):
+        calls["experts"] += 1
+        if calls["experts"] == 2:
+            raise KeyboardInterrupt
+        return original_expert(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_expert", interrupted_expert)
+    assert teach(tiny_folder, resumed, "--teacher-epochs", "2", "--resume") == 130
+    assert (resumed / "teacher.h5").exists() and not (resumed / "experts.h5").exists()
+    assert len(list((resumed / "experts.partial").glob("expert_*.h5"))) == 1
+    monkeypatch.setattr(runner, "train_expert", original_expert)
+    assert teach(tiny_folder, resumed, "--teacher-epochs", "2", "--resume") == 0
+
+    a, _, _, _ = load_weights(straight / "teacher.h5")
+    b, _, _, _ = load_weights(resumed / "teacher.h5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for ta, tb in zip(_experts(straight / "experts.h5"), _experts(resumed / "experts.h5"),
+                      strict=True):
+        assert torch.equal(ta, tb)
+
+
+def test_teacher_checkpoint_from_a_run_and_as_state_dict(tiny_folder, tmp_path):
+    first = tmp_path / "first"
+    teach(tiny_folder, first)
+    shared = ["--dataset", f"imagefolder:{tiny_folder}", "--experts", "1", "--expert-epochs",
+              "1", "--set", "student.depth=2", "--set", "student.width=8", "--set",
+              "teacher.knn_k=3", "--no-progress"]
+    assert main(["teach", *shared, "--teacher-checkpoint", str(first / "teacher.h5"),
+                 "--out", str(tmp_path / "h5")]) == 0
+    z_first, _, _ = load_targets(first / "targets.h5")
+    z_h5, _, _ = load_targets(tmp_path / "h5" / "targets.h5")
+    assert torch.equal(z_first, z_h5)
+
+    state, _, _, _ = load_weights(first / "teacher.h5")
+    pt = tmp_path / "teacher.pt"
+    torch.save({f"backbone.{k}": v for k, v in state.items()}, pt)
+    assert main(["teach", *shared, "--teacher-checkpoint", str(pt), "--set",
+                 "teacher.base_width=4", "--out", str(tmp_path / "pt")]) == 0
+
+
+def test_teacher_from_a_factory(tiny_folder, tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "myteacher.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 6))\n"
+    )
+    monkeypatch.syspath_prepend(str(pkg))
+    import importlib
+
+    module = importlib.import_module("myteacher")
+    torch.save(module.build().state_dict(), tmp_path / "w.pt")
+    assert main(["teach", "--dataset", f"imagefolder:{tiny_folder}", "--teacher-checkpoint",
+                 str(tmp_path / "w.pt"), "--set", "teacher.factory=myteacher:build",
+                 "--experts", "1", "--expert-epochs", "1", "--set", "student.depth=2",
+                 "--set", "student.width=8", "--set", "teacher.knn_k=3", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    targets, _, _ = load_targets(tmp_path / "run" / "targets.h5")
+    assert targets.shape == (24, 6)
+
+
+# --- bad input: one clear line, exit code 2, nothing written ------------------------------------
+
+
+def _fails(capsys, argv, match, out=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddkd teach: error:") and len(err.splitlines()) == 1, err
+    assert match in err, err
+    if out is not None:
+        assert not out.exists() or out.is_dir() and (out / "summary.json").exists() is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--dataset", "imagenet"], "--dataset 'imagenet' is unknown; valid: fashion-mnist"),
+        (["--ssl", "dino"], "--ssl 'dino' is unknown; valid: barlowtwins"),
+        (["--subset", "0"], "--subset must be >= 1"),
+        (["--subset", "1000"], "--subset 1000 is larger than the dataset (24 training images)"),
+        (["--dataset", "cifar10", "--data-root", "/nonexistent"], "not present under"),
+        (["--set", "experts.lr=1e9"], "KD loss became"),
+        (["--set", "experts.bogus=1"], "unknown setting 'experts.bogus'"),
+        (["--teacher-checkpoint", "x.pt"], "cannot be combined with --train-teacher"),
+    ],
+)
+def test_bad_input(tiny_folder, tmp_path, capsys, extra, match):
+    out = tmp_path / "run"
+    argv = ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(out), *TINY, *extra]
+    _fails(capsys, argv, match)
+    if "KD loss" not in match:
+        assert not out.exists()  # rejected before anything was written
+
+
+def test_bad_teacher_checkpoints(tiny_folder, tmp_path, capsys):
+    base = ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--no-progress"]
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    _fails(capsys, [*base, "--teacher-checkpoint", str(garbage), "--out", str(tmp_path / "a")],
+           "does not load as a weights-only PyTorch state dict")
+    wrong = tmp_path / "wrong.pt"
+    torch.save(ResNet(ResNetConfig(in_channels=1, base_width=8)).state_dict(), wrong)
+    _fails(capsys, [*base, "--teacher-checkpoint", str(wrong), "--set", "teacher.base_width=4",
+                    "--out", str(tmp_path / "b")], "does not fit the teacher")
+    rgb = tmp_path / "rgb.pt"
+    torch.save(ResNet(ResNetConfig(in_channels=3, base_width=4)).state_dict(), rgb)
+    _fails(capsys, [*base, "--teacher-checkpoint", str(rgb), "--set", "teacher.base_width=4",
+                    "--out", str(tmp_path / "c")], "does not fit the teacher")
+    _fails(capsys, [*base, "--teacher-checkpoint", str(tmp_path / "missing.pt"),
+                    "--out", str(tmp_path / "d")], "does not exist")
+    _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out",
+                    str(tmp_path / "e")], "ships no teacher for dataset")
+
+
+def test_existing_run_and_changed_resume(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert teach(tiny_folder, out) == 0
+    _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(out),
+                    *TINY], "already exists; pass --resume")
+    _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(out),
+                    *TINY, "--resume", "--seed", "4"], "seed: run has 3, now 4")
+    assert teach(tiny_folder, out, "--overwrite") == 0
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "precious.txt").write_text("keep me")
+    _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out",
+                    str(stranger), *TINY, "--overwrite"], "refusing to delete")
+    assert (stranger / "precious.txt").exists()
+
+
+def test_console_script_help_is_fast_and_lists_the_contract():
+    out = subprocess.run([sys.executable, "-m", "ddkd.cli", "teach", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--recipe", "--set", "--dataset", "--data-root", "--subset", "--ssl",
+                 "--train-teacher", "--teacher-epochs", "--teacher-checkpoint", "--experts",
+                 "--expert-epochs", "--seed", "--device", "--out", "--resume"):
+        assert flag in out

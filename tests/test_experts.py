@@ -1,0 +1,102 @@
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ddkd.config import ExpertConfig
+from ddkd.errors import FileFormatError, TrainingError
+from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
+from ddkd.models import ConvNetConfig
+from ddkd.models.functional import ParamSpec
+from ddkd.teach.experts import init_student, train_expert
+
+CFG = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=8, out_dim=4)
+
+
+def _data(n=40):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=gen)
+    z = x.flatten(1)[:, :4] * 2 + 0.5  # a learnable target
+    return x, z
+
+
+def test_expert_learns_and_records_every_epoch():
+    x, z = _data()
+    ec = ExpertConfig(num_experts=1, epochs=4, batch_size=8, lr=0.05)
+    trajectory, losses = train_expert(CFG, ec, x, z, seed=0, k=0)
+    n_params = ParamSpec.of(init_student(CFG, 0, 0)).numel
+    assert trajectory.shape == (5, n_params) and trajectory.dtype == torch.float32
+    assert losses[-1] < losses[0]
+    assert not torch.equal(trajectory[0], trajectory[1])
+
+
+def test_experts_are_reproducible_and_independent():
+    x, z = _data()
+    ec = ExpertConfig(num_experts=2, epochs=2, batch_size=8)
+    a, _ = train_expert(CFG, ec, x, z, seed=1, k=1)
+    torch.manual_seed(42)  # global RNG state must not matter
+    b, _ = train_expert(CFG, ec, x, z, seed=1, k=1)
+    c, _ = train_expert(CFG, ec, x, z, seed=1, k=0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], c[0])  # different experts start from different inits
+
+
+def test_diverging_expert_raises():
+    x, z = _data()
+    ec = ExpertConfig(num_experts=1, epochs=2, batch_size=8, lr=1e8)
+    with pytest.raises(TrainingError, match="expert 0: KD loss became"):
+        train_expert(CFG, ec, x, z, seed=0, k=0)
+
+
+def _write_experts(tmp_path, k=2, epochs=2, dtype="float32"):
+    x, z = _data()
+    ec = ExpertConfig(num_experts=k, epochs=epochs, batch_size=8, dtype=dtype)
+    shards = tmp_path / "shards"
+    trajectories = []
+    for i in range(k):
+        t, losses = train_expert(CFG, ec, x, z, seed=0, k=i)
+        write_expert_shard(shards / f"expert_{i:04d}.h5", t, losses, seed=0, dtype=dtype)
+        trajectories.append(t)
+    spec = ParamSpec.of(init_student(CFG, 0, 0))
+    header = ExpertsHeader(k, epochs, spec.numel, dtype, {"image_size": 8}, spec, {}, "mse", 0)
+    path = tmp_path / "experts.h5"
+    assemble_experts(path, shards, header)
+    return path, trajectories, spec
+
+
+def test_experts_file_round_trip_is_exact(tmp_path):
+    path, trajectories, spec = _write_experts(tmp_path)
+    assert not (tmp_path / "shards").exists()
+    with ExpertsFile(path) as experts:
+        assert len(experts) == 2 and experts.header.param_spec == spec
+        for k, t in enumerate(trajectories):
+            assert torch.equal(experts.trajectory(k), t)
+            assert torch.equal(experts.snapshot(k, 1), t[1])
+    with h5py.File(path) as fh:  # readable without ddkd: one row per chunk
+        assert fh["experts/0001"].chunks == (1, spec.numel)
+
+
+def test_float16_storage_reads_back_as_float32(tmp_path):
+    path, trajectories, _ = _write_experts(tmp_path, k=1, dtype="float16")
+    with ExpertsFile(path) as experts:
+        snap = experts.snapshot(0, 2)
+    assert snap.dtype == torch.float32
+    assert torch.allclose(snap, trajectories[0][2], rtol=1e-3, atol=1e-4)
+
+
+def test_foreign_and_truncated_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as fh:
+        fh.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(FileFormatError, match="not a ddkd experts file"):
+        ExpertsFile(foreign)
+    path, _, _ = _write_experts(tmp_path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileFormatError):
+        ExpertsFile(truncated)
+    with h5py.File(path, "a") as fh:
+        del fh["experts/0001"]
+    with pytest.raises(FileFormatError, match="lacks expert 1"):
+        ExpertsFile(path)

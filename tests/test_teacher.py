@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from ddkd.data import Normalization
+from ddkd.models import ResNet, ResNetConfig
+from ddkd.teach.teacher import (
+    SSL_METHODS,
+    SSLModel,
+    SSLSchedule,
+    TeacherTrainer,
+    lr_at,
+    recalibrate_batchnorm,
+)
+
+
+@pytest.mark.parametrize("method", SSL_METHODS)
+def test_ssl_loss_decreases_for_a_few_steps(method):
+    torch.manual_seed(0)
+    backbone = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
+    model = SSLModel(backbone, 32, method, proj_dim=32)
+    view_a, view_b = torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)
+    view_b = view_a + 0.3 * view_b  # two "views" of the same images
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                          momentum=0.9)
+    losses = []
+    for _ in range(8):
+        loss = model.loss(view_a, view_b, progress=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 0.01
+
+
+def _trainer(seed=0, epochs=2):
+    torch.manual_seed(123)  # the module init; the training itself draws from `seed`
+    net = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    norm = Normalization.fit(images)
+    trainer = TeacherTrainer(net, 32, "barlowtwins", SSLSchedule(epochs, 8, 0.05, 5e-4), norm,
+                             (1, 8, 8), torch.device("cpu"), seed, proj_dim=16)
+    return trainer, images
+
+
+def test_resumed_teacher_training_equals_uninterrupted():
+    straight, images = _trainer()
+    straight.train_epoch(images)
+    straight.train_epoch(images)
+
+    first, _ = _trainer()
+    first.train_epoch(images)
+    state = first.state_dict()
+    resumed, _ = _trainer()
+    torch.manual_seed(999)  # the global RNG state must not matter
+    resumed.load_state_dict(state)
+    resumed.train_epoch(images)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    trainer, images = _trainer()
+    images = images.clone()
+    trainer.normalize = Normalization((0.0,), (0.0,))  # division by zero -> NaN inputs
+    from ddkd.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="teacher SSL loss became nan"):
+        trainer.train_epoch(images)
+
+
+def test_recalibrate_batchnorm_uses_clean_statistics():
+    net = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    norm = Normalization((0.0,), (0.1,))  # inputs of mean ~5, far from the init stats
+    recalibrate_batchnorm(net, images, norm, torch.device("cpu"))
+    x = norm(images)
+    expected = x.mean()  # conv1 has no bias: bn1's input mean is conv1's output mean
+    out = net.conv1(x).mean(dim=(0, 2, 3))
+    assert torch.allclose(net.bn1.running_mean, out, atol=1e-4)
+    assert net.bn1.momentum == 0.1 and expected > 1

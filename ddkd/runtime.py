@@ -53,7 +53,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as err:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ConfigError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
     return device

@@ -50,14 +50,16 @@ def test_teach_end_to_end_writes_a_complete_run(tiny_folder, tmp_path, capsys):
     with ExpertsFile(out / "experts.h5") as experts:
         assert len(experts) == 2 and experts.header.epochs == 2
         assert experts.header.student["out_dim"] == 32
-    phases = [json.loads(line)["phase"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    phases = [json.loads(line)["phase"] for line in lines]
     assert phases.count("teacher") == 1 and phases.count("expert") == 4
 
 
 def test_same_seed_same_run(tiny_folder, tmp_path):
     teach(tiny_folder, tmp_path / "a")
     teach(tiny_folder, tmp_path / "b")
-    with h5py.File(tmp_path / "a" / "experts.h5") as a, h5py.File(tmp_path / "b" / "experts.h5") as b:
+    with h5py.File(tmp_path / "a" / "experts.h5") as a, \
+            h5py.File(tmp_path / "b" / "experts.h5") as b:
         assert np.array_equal(a["experts/0001"][()], b["experts/0001"][()])
 
 

@@ -140,7 +140,9 @@ def _read_idx(path: Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
-        raise DataError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
+        raise DataError(
+            f"{path} is truncated: expected {expected} values, found {len(data) - offset}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 

@@ -63,7 +63,9 @@ class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig):
         super().__init__()
         if config.depth not in _BLOCKS:
-            raise ValueError(f"ResNet depth {config.depth} unsupported; use one of {sorted(_BLOCKS)}")
+            raise ValueError(
+                f"ResNet depth {config.depth} unsupported; use one of {sorted(_BLOCKS)}"
+            )
         self.config = config
         w = config.base_width
         self.conv1 = nn.Conv2d(config.in_channels, w, 3, 1, 1, bias=False)

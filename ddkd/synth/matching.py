@@ -1,0 +1,136 @@
+"""Trajectory matching with knowledge-distillation targets: pure functions, no I/O.
+
+Follows MTT (Cazenavette et al., "Dataset Distillation by Matching Training Trajectories",
+CVPR 2022) as adapted by MKDT (Joshi et al., ICLR 2025): starting from an expert's snapshot
+theta*_t, take N plain-SGD steps on synthetic mini-batches with the KD loss,
+
+    theta_{n+1} = theta_n - alpha * grad_theta L(f_{theta_n}(X_b), Y_b),
+
+keeping the graph, and score the end point against the expert M epochs later,
+
+    loss = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2.
+
+The gradient of that loss flows to the synthetic images X, their targets Y and the step size
+alpha. The student is run functionally on a flat parameter vector
+(``torch.func.functional_call``), so one module serves every segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkd.models.functional import ParamSpec, functional_forward
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Augment = Callable[[torch.Tensor, int], torch.Tensor]  # (images, step) -> augmented images
+
+
+def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MKDT's KD loss: mean squared error over batch and dimensions."""
+    return F.mse_loss(output, target)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sampled piece of an expert trajectory and the synthetic batches to unroll on.
+
+    Attributes:
+        expert: index of the expert.
+        start_epoch: t; the student starts at theta*_t.
+        theta_start: ``(P,)`` theta*_t.
+        theta_target: ``(P,)`` theta*_{t+M}.
+        batches: N index tensors into the synthetic set, one per inner step.
+    """
+
+    expert: int
+    start_epoch: int
+    theta_start: torch.Tensor
+    theta_target: torch.Tensor
+    batches: tuple[torch.Tensor, ...]
+
+
+def sample_batches(n_syn: int, syn_steps: int, batch_syn: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Index tensors of the N inner steps, as the published code draws them: a fresh random
+    permutation split into chunks of ``batch_syn``, taken last chunk first, redrawn when used
+    up. With ``batch_syn >= n_syn`` every step sees the whole set."""
+    batches: list[torch.Tensor] = []
+    chunks: list[torch.Tensor] = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.split(torch.randperm(n_syn, generator=generator), batch_syn))
+        batches.append(chunks.pop())
+    return tuple(batches)
+
+
+def unroll(
+    model: nn.Module,
+    spec: ParamSpec,
+    theta_start: torch.Tensor,
+    x_syn: torch.Tensor,
+    y_syn: torch.Tensor,
+    alpha: torch.Tensor,
+    batches: Sequence[torch.Tensor],
+    loss_fn: LossFn = mse_loss,
+    augment: Augment | None = None,
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """N inner SGD steps from ``theta_start``; returns theta_N ``(P,)``.
+
+    With ``create_graph`` the result keeps the graph to ``x_syn``, ``y_syn`` and ``alpha``
+    (memory grows linearly with N); without it nothing is kept (a forward-only unroll).
+    """
+    theta = theta_start.detach().requires_grad_(True)
+    for step, idx in enumerate(batches):
+        x = x_syn[idx]  # (b, C, H, W)
+        if augment is not None:
+            x = augment(x, step)
+        loss = loss_fn(functional_forward(model, spec, theta, x), y_syn[idx])
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        theta = theta - alpha * grad
+        if not create_graph:
+            theta = theta.detach().requires_grad_(True)
+    return theta
+
+
+def matching_loss(theta_end: torch.Tensor, theta_start: torch.Tensor,
+                  theta_target: torch.Tensor) -> torch.Tensor:
+    """||theta_end - target||^2 / ||theta_start - target||^2 (MTT's normalised distance)."""
+    return (theta_end - theta_target).pow(2).sum() / (theta_start - theta_target).pow(2).sum()
+
+
+@dataclass(frozen=True)
+class MetaGradient:
+    """The matching loss of one segment and its gradients."""
+
+    loss: torch.Tensor  # scalar, detached
+    grad_x: torch.Tensor  # like x_syn
+    grad_y: torch.Tensor  # like y_syn
+    grad_alpha: torch.Tensor  # scalar
+
+
+def meta_gradient(
+    model: nn.Module,
+    spec: ParamSpec,
+    segment: Segment,
+    x_syn: torch.Tensor,
+    y_syn: torch.Tensor,
+    alpha: torch.Tensor,
+    loss_fn: LossFn = mse_loss,
+    augment: Augment | None = None,
+) -> MetaGradient:
+    """Matching loss and its gradient w.r.t. images, targets and step size, by backpropagating
+    through the fully unrolled graph (MTT's method; memory linear in N)."""
+    x = x_syn.detach().requires_grad_(True)
+    y = y_syn.detach().requires_grad_(True)
+    a = alpha.detach().requires_grad_(True)
+    theta_end = unroll(model, spec, segment.theta_start, x, y, a, segment.batches, loss_fn,
+                       augment)
+    loss = matching_loss(theta_end, segment.theta_start, segment.theta_target)
+    grad_x, grad_y, grad_alpha = torch.autograd.grad(loss, (x, y, a))
+    return MetaGradient(loss.detach(), grad_x, grad_y, grad_alpha)

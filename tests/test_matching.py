@@ -1,0 +1,84 @@
+"""The meta-gradient of trajectory matching, checked against finite differences (float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddkd.models import ConvNet, ConvNetConfig
+from ddkd.models.functional import ParamSpec, flat_params
+from ddkd.synth.matching import (
+    Segment,
+    matching_loss,
+    meta_gradient,
+    sample_batches,
+    unroll,
+)
+
+
+def _problem(steps=3, n=6, batch=4, seed=0):
+    torch.manual_seed(seed)
+    model = ConvNet(ConvNetConfig(in_channels=1, image_size=8, depth=1, width=3, out_dim=2))
+    model = model.double()
+    spec = ParamSpec.of(model)
+    theta_start = flat_params(model)
+    theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
+    gen = torch.Generator().manual_seed(seed)
+    segment = Segment(0, 0, theta_start, theta_target, sample_batches(n, steps, batch, gen))
+    x = torch.randn(n, 1, 8, 8, dtype=torch.float64)
+    y = torch.randn(n, 2, dtype=torch.float64)
+    alpha = torch.tensor(0.1, dtype=torch.float64)
+    return model, spec, segment, x, y, alpha
+
+
+def _loss(model, spec, segment, x, y, alpha):
+    theta = unroll(model, spec, segment.theta_start, x, y, alpha, segment.batches,
+                   create_graph=False)
+    return matching_loss(theta.detach(), segment.theta_start, segment.theta_target).item()
+
+
+@pytest.mark.parametrize("which", ["x", "y", "alpha"])
+def test_meta_gradient_matches_finite_differences(which):
+    model, spec, segment, x, y, alpha = _problem()
+    mg = meta_gradient(model, spec, segment, x, y, alpha)
+    args = {"x": x, "y": y, "alpha": alpha}
+    grad = {"x": mg.grad_x, "y": mg.grad_y, "alpha": mg.grad_alpha}[which]
+    direction = torch.randn_like(args[which], generator=torch.Generator().manual_seed(1)) \
+        if args[which].ndim else torch.ones_like(args[which])
+    eps = 1e-6
+    plus = dict(args, **{which: args[which] + eps * direction})
+    minus = dict(args, **{which: args[which] - eps * direction})
+    numeric = (_loss(model, spec, segment, **plus) - _loss(model, spec, segment, **minus)) / (
+        2 * eps)
+    analytic = (grad * direction).sum().item()
+    assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+    assert mg.loss.item() == pytest.approx(_loss(model, spec, segment, x, y, alpha))
+
+
+def test_one_step_has_the_closed_form_of_linear_regression():
+    # Student f(x) = W x (no bias); L = mean((W X - Y)^2) over batch and outputs:
+    # grad_W = 2 / (B * D) (W X - Y)^T X, so theta_1 = W - alpha * grad_W.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False)).double()
+    spec = ParamSpec.of(model)
+    w = flat_params(model)
+    x = torch.randn(5, 1, 2, 2, dtype=torch.float64)
+    y = torch.randn(5, 3, dtype=torch.float64)
+    alpha = torch.tensor(0.3, dtype=torch.float64)
+    theta_1 = unroll(model, spec, w, x, y, alpha, [torch.arange(5)])
+    W, X = w.view(3, 4), x.view(5, 4)
+    grad = 2.0 / (5 * 3) * (X @ W.T - y).T @ X
+    assert torch.allclose(theta_1, (W - alpha * grad).reshape(-1), atol=1e-12)
+
+
+def test_matching_loss_is_one_at_the_start_and_zero_at_the_target():
+    a, b = torch.randn(10), torch.randn(10)
+    assert matching_loss(a, a, b).item() == pytest.approx(1.0)
+    assert matching_loss(b, a, b).item() == 0.0
+
+
+def test_sample_batches_follow_the_published_chunking():
+    gen = torch.Generator().manual_seed(0)
+    batches = sample_batches(10, 5, 4, gen)
+    assert [len(b) for b in batches] == [2, 4, 4, 2, 4]  # last chunk first, then redraw
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(10))
+    assert all(len(b) == 3 for b in sample_batches(3, 4, 256, gen))

@@ -10,4 +10,13 @@ __version__ = "0.1.0"
 
 from ddkd.errors import DDKDError  # noqa: E402
 
-__all__ = ["DDKDError", "__version__"]
+__all__ = ["DDKDError", "__version__", "load_synthset"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import ddkd` (and `ddkd --help`) stays fast.
+    if name == "load_synthset":
+        from ddkd.io.synthset import load_synthset
+
+        return load_synthset
+    raise AttributeError(f"module 'ddkd' has no attribute {name!r}")

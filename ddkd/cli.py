@@ -1,4 +1,4 @@
-"""The ``ddkd`` command line: ``ddkd teach`` (more stages join as they land).
+"""The ``ddkd`` command line: ``ddkd teach``, ``ddkd synthesize``, ``ddkd inspect``.
 
 Configuration is resolved as: stage defaults (the published MKDT values) <- recipe (``--recipe``
 FILE or the name of a shipped recipe; ``ddkd teach`` with none uses ``fashion-mnist``, the CPU
@@ -99,6 +99,69 @@ def cmd_teach(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from ddkd.config import SynthConfig, build_config, merge, parse_overrides
+    from ddkd.runtime import resolve_device, seed_everything
+    from ddkd.synth.runner import run_synthesize
+
+    recipe = recipe_path(args.recipe or DEFAULT_TEACH_RECIPE)
+    values = merge(stage_values(recipe, "synthesize"), parse_overrides(args.set or []))
+    flags = {name: getattr(args, name) for name in (
+        "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
+        "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "seed",
+    ) if getattr(args, name) is not None}
+    if {"ipc", "size", "fraction"} & set(flags):
+        for name in ("ipc", "size", "fraction"):  # a size on the command line replaces the recipe's
+            values.pop(name, None)
+    config = build_config(SynthConfig, merge(values, flags))
+    device = resolve_device(args.device)
+    seed_everything(config.seed)
+    summary = run_synthesize(config, args.run, args.out, device, resume=args.resume,
+                             overwrite=args.overwrite, progress=not args.no_progress,
+                             command=sys.argv)
+    print(
+        f"ddkd synthesize: done in {summary['seconds']:.0f}s -> {summary['out']}\n"
+        f"  {summary['images']} images, {summary['iterations']} iterations; matching loss "
+        f"{summary['loss_first']:.4f} (first {summary['window']} iterations) -> "
+        f"{summary['loss_last']:.4f} (last {summary['window']})\n"
+        f"  learned step size {summary['lr']:.4g} (started at {summary['lr_init']:.4g})"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ddkd.io.synthset import load_synthset
+
+    synth = load_synthset(args.file)
+    prov = synth.provenance
+    lines = [
+        f"{args.file}: ddkd synthetic set",
+        f"  images      {tuple(synth.images.shape)} (normalised; mean {list(synth.mean.tolist())}"
+        f", std {list(synth.std.tolist())})",
+        f"  targets     {tuple(synth.targets.shape)}, objective {synth.objective}",
+        f"  step size   {synth.lr:.6g} (pre-training learning rate)",
+        f"  source      {prov.get('source_dataset')} (train checksum "
+        f"{str(prov.get('source_train_checksum'))[:12]}...), {prov.get('num_experts')} experts, "
+        f"teacher {str(prov.get('teacher_checksum'))[:12]}...",
+        f"  made with   init {prov.get('init')}, {prov.get('iterations')} iterations, seed "
+        f"{prov.get('seed')}, ddkd {prov.get('environment', {}).get('ddkd')}",
+    ]
+    if "loss" in synth.history and len(synth.history["loss"]):
+        loss = synth.history["loss"]
+        w = max(1, len(loss) // 10)
+        lines.append(f"  matching    loss {loss[:w].mean():.4f} (first {w}) -> "
+                     f"{loss[-w:].mean():.4f} (last {w})")
+    png = Path(args.png) if args.png else Path(args.file).with_suffix(".png")
+    from torchvision.utils import save_image
+
+    nrow = max(1, round(len(synth) ** 0.5)) if args.nrow is None else args.nrow
+    png.parent.mkdir(parents=True, exist_ok=True)
+    save_image(synth.pixels(), png, nrow=nrow, padding=1)
+    lines.append(f"  grid        {png}")
+    print("\n".join(lines))
+    return 0
+
+
 def _print_teach_summary(summary: dict) -> None:
     knn = summary["teacher_knn"]
     loss = summary["expert_final_loss_mean"]
@@ -158,6 +221,51 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--overwrite", action="store_true", help="replace an existing run")
     teach.add_argument("--no-progress", action="store_true", help="no progress bars")
     teach.set_defaults(func=cmd_teach)
+
+    syn = sub.add_parser(
+        "synthesize",
+        help="trajectory matching: distil a synthetic set from a teach run",
+        description=(
+            "Optimise synthetic images, their target representations and the step size so that "
+            "N SGD steps on them move a student as M epochs on real data moved the experts "
+            "(MKDT). Defaults: the recipe's [synthesize] table (fashion-mnist: the CPU "
+            "default); the paper's values are MKDT's (N=40, M=2, T+=2, lr_img=1e3)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    syn.add_argument("--run", default="runs/teach-fashion-mnist-seed0",
+                     help="the ddkd teach run directory to distil from")
+    size = syn.add_mutually_exclusive_group()
+    size.add_argument("--ipc", type=int, help="images per class (size = ipc x classes)")
+    size.add_argument("--size", type=int, help="number of synthetic images")
+    size.add_argument("--fraction", type=float, help="fraction of the run's training images")
+    syn.add_argument("--iterations", type=int, help="outer iterations")
+    syn.add_argument("--syn-steps", type=int, help="N: inner SGD steps per iteration")
+    syn.add_argument("--expert-epochs", type=int, help="M: expert epochs matched by N steps")
+    syn.add_argument("--max-start-epoch", type=int, help="T+: start epochs drawn from [0, T+)")
+    syn.add_argument("--lr-img", type=float, help="learning rate of the images")
+    syn.add_argument("--lr-lr", type=float, help="learning rate of the step size")
+    syn.add_argument("--lr-targets", type=float, help="learning rate of the targets")
+    syn.add_argument("--batch-syn", type=int, help="synthetic mini-batch per inner step")
+    syn.add_argument("--init", help="high-loss (MKDT) or random")
+    syn.add_argument("--augment", help="none (MKDT)")
+    syn.add_argument("--seed", type=int, help="seed of the iterations' draws")
+    syn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    syn.add_argument("--out", help="output file (default: synth_sets/DATASET_ipcK_seedS.h5)")
+    syn.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    syn.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    syn.add_argument("--recipe", help=f"recipe with a [synthesize] table (default: "
+                     f"{DEFAULT_TEACH_RECIPE})")
+    syn.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override any setting, e.g. --set checkpoint_minutes=1")
+    syn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    syn.set_defaults(func=cmd_synthesize)
+
+    insp = sub.add_parser("inspect", help="print a synthetic set's metadata, write a PNG grid")
+    insp.add_argument("file", help="a ddkd synthetic set (.h5)")
+    insp.add_argument("--png", help="where to write the image grid (default: FILE.png)")
+    insp.add_argument("--nrow", type=int, help="images per row of the grid")
+    insp.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -135,6 +135,76 @@ class TeachConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class SynthConfig:
+    """Trajectory matching (MKDT, section 4.2; names as in MTT's code).
+
+    Exactly one of ``ipc`` (images per class: ``ipc x num_classes`` images; no labels are
+    used), ``size`` (images) or ``fraction`` (of the run's training images) sets the size.
+    """
+
+    ipc: int | None = None
+    size: int | None = None
+    fraction: float | None = None
+    iterations: int = 5000
+    syn_steps: int = 40  # N: inner SGD steps on the synthetic set
+    expert_epochs: int = 2  # M: epochs of the expert matched by the N steps
+    max_start_epoch: int = 2  # T+: the start epoch is uniform in {0, ..., T+ - 1}
+    lr_img: float = 1000.0
+    lr_targets: float = 1.0
+    lr_lr: float = 1e-4
+    lr_init: float | None = None  # initial step size alpha; None = the experts' lr
+    momentum: float = 0.5  # of the three outer SGD optimisers
+    batch_syn: int = 256
+    init: str = "high-loss"  # high-loss | random
+    augment: str = "none"  # none (MKDT)
+    max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("ipc", "size", "fraction") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of --ipc, --size, --fraction (got {given})")
+        if self.ipc is not None and self.ipc < 1:
+            raise ConfigError(f"--ipc must be >= 1, got {self.ipc}")
+        if self.size is not None and self.size < 1:
+            raise ConfigError(f"--size must be >= 1, got {self.size}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
+        for name in ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                  f"{getattr(self, name)}")
+        for name in ("lr_img", "lr_targets", "lr_lr", "checkpoint_minutes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_lr_factor <= 1:
+            raise ConfigError(f"max_lr_factor must be > 1, got {self.max_lr_factor}")
+        if self.lr_init is not None and self.lr_init <= 0:
+            raise ConfigError(f"lr_init must be > 0, got {self.lr_init}")
+        if self.init not in ("high-loss", "random"):
+            raise ConfigError(f"--init {self.init!r} is unknown; valid: high-loss, random")
+        if self.augment not in ("none",):
+            raise ConfigError(f"--augment {self.augment!r} is unknown; valid: none")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    def num_images(self, num_classes: int, num_train: int) -> int:
+        if self.ipc is not None:
+            n = self.ipc * num_classes
+        elif self.size is not None:
+            n = self.size
+        elif self.fraction is not None:
+            n = max(1, round(self.fraction * num_train))
+        else:
+            raise ConfigError("give the set's size: --ipc K, --size N or --fraction F")
+        if n > num_train:
+            raise ConfigError(f"the synthetic set would have {n} images but the run has only "
+                              f"{num_train} training images to initialise it from")
+        return n
+
+
 # --- building from recipes and overrides ---------------------------------------------------
 
 

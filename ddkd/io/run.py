@@ -151,3 +151,46 @@ def load_targets(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     if targets.shape[0] != indices.shape[0]:
         raise FileFormatError(f"{path}: {targets.shape[0]} targets but {indices.shape[0]} indices")
     return targets, indices, meta
+
+
+@dataclass
+class OpenedRun:
+    """A complete ``ddkd teach`` run, loaded for the later stages."""
+
+    run: RunDir
+    teach_config: dict  # as written in config.json
+    environment: dict
+    images: torch.Tensor  # (N, C, H, W) uint8: the run's training images
+    labels: torch.Tensor  # (N,) (evaluation only)
+    num_classes: int
+    indices: torch.Tensor  # (N,) into the dataset's training split
+    targets: torch.Tensor  # (N, D) float32
+    normalization: dict  # {"mean": [...], "std": [...]}
+
+
+def open_run(root: str | Path) -> OpenedRun:
+    """Check that ``root`` is a complete teach run and load its data and targets."""
+    from ddkd.data.datasets import load_dataset
+
+    run = RunDir(Path(root))
+    if not run.root.is_dir():
+        raise ConfigError(f"--run {run.root} does not exist; create it with `ddkd teach --out "
+                          f"{run.root}`")
+    missing = [p.name for p in (run.config, run.environment, run.teacher, run.targets,
+                                run.experts, run.summary) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"--run {run.root} is incomplete (missing {', '.join(missing)}); "
+                          "finish it with `ddkd teach --out DIR --resume`")
+    record = json.loads(run.config.read_text())
+    if record.get("stage") != "teach":
+        raise ConfigError(f"--run {run.root} is not a ddkd teach run")
+    config = record["config"]
+    env = json.loads(run.environment.read_text())
+    targets, indices, meta = load_targets(run.targets)
+    data = config["data"]
+    train = load_dataset(data["dataset"], "train", data.get("data_root")).subset(indices)
+    if train.checksum() != env["inputs"]["train_checksum"]:
+        raise ConfigError(f"the training images of {data['dataset']} differ from those the run "
+                          f"{run.root} was made from (checksum mismatch): the dataset changed")
+    return OpenedRun(run, config, env, train.images, train.labels, train.num_classes, indices,
+                     targets, meta["normalization"])

@@ -1,0 +1,57 @@
+"""Which real images a synthetic set starts from.
+
+MKDT (Joshi et al., ICLR 2025, section 4.3) initialises with *high-loss* images: for every
+expert take its epoch-1 checkpoint, compute each training image's KD loss, average over the
+experts, and keep the n images with the largest loss. A random subset is the ablation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ddkd.models.functional import ParamSpec, functional_forward
+
+
+@torch.no_grad()
+def per_example_kd_loss(
+    model: nn.Module,
+    spec: ParamSpec,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """MSE (mean over dimensions) of each example under parameters ``theta`` -> ``(N,)``."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        pred = functional_forward(model, spec, theta, x[start : start + batch_size])
+        out.append((pred - z[start : start + batch_size]).pow(2).mean(dim=1))
+    return torch.cat(out)
+
+
+def high_loss_indices(
+    model: nn.Module,
+    spec: ParamSpec,
+    snapshots: Iterable[torch.Tensor],
+    x: torch.Tensor,
+    z: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """Indices of the ``n`` images with the highest KD loss averaged over ``snapshots``
+    (the experts' epoch-1 parameters), highest first -> ``(n,)`` int64 on the CPU."""
+    total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
+    count = 0
+    for theta in snapshots:
+        total += per_example_kd_loss(model, spec, theta.to(x.device), x, z).double()
+        count += 1
+    if count == 0:
+        raise ValueError("high-loss initialisation needs at least one expert")
+    return (total / count).topk(n).indices.cpu()
+
+
+def random_indices(num_train: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` distinct indices drawn uniformly -> ``(n,)`` int64."""
+    return torch.randperm(num_train, generator=generator)[:n]

@@ -1,0 +1,266 @@
+"""``ddkd synthesize``: the outer loop of MKDT's trajectory matching, resumable.
+
+Every outer iteration draws its expert, start epoch and synthetic batches from a generator
+derived from ``(seed, iteration)``, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would (the checkpoint holds images, targets, step size and optimiser states).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ddkd.config import SynthConfig, to_dict
+from ddkd.data.transforms import Normalization
+from ddkd.errors import ConfigError, TrainingError
+from ddkd.io.atomic import append_jsonl, atomic_path, read_jsonl, write_json
+from ddkd.io.experts import ExpertsFile
+from ddkd.io.run import open_run
+from ddkd.io.synthset import SynthSet, save_synthset
+from ddkd.models.convnet import ConvNet, ConvNetConfig
+from ddkd.models.functional import ParamSpec
+from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.synth.init import high_loss_indices, random_indices
+from ddkd.synth.matching import MetaGradient, Segment, meta_gradient, sample_batches  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+_STREAM_INIT, _STREAM_ITERATION = 40, 41
+
+
+def default_out(dataset: str, config: SynthConfig, n: int) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)
+    size = f"ipc{config.ipc}" if config.ipc is not None else f"n{n}"
+    return Path("synth_sets") / f"{slug}_{size}_seed{config.seed}.h5"
+
+
+def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iteration: int,
+                   device: torch.device) -> Segment:
+    """The expert segment and inner batches of one outer iteration (seeded by iteration)."""
+    gen = make_generator(config.seed, _STREAM_ITERATION, iteration)
+    k = int(torch.randint(len(experts), (1,), generator=gen))
+    t = int(torch.randint(config.max_start_epoch, (1,), generator=gen))
+    batches = sample_batches(n_syn, config.syn_steps, config.batch_syn, gen)
+    return Segment(
+        expert=k,
+        start_epoch=t,
+        theta_start=experts.snapshot(k, t).to(device),
+        theta_target=experts.snapshot(k, t + config.expert_epochs).to(device),
+        batches=tuple(b.to(device) for b in batches),
+    )
+
+
+class _State:
+    """The learnable synthetic set and its three optimisers (MKDT: SGD, momentum 0.5).
+
+    The step size is stored as log(alpha) so that it stays positive. Its optimiser's learning
+    rate is ``lr_lr / alpha_0^2``: at initialisation a step on log(alpha) then moves alpha by
+    the same amount as MKDT's step on alpha itself (d alpha = alpha d log alpha).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, alpha0: float, config: SynthConfig):
+        self.x = x.clone().requires_grad_(True)
+        self.y = y.clone().requires_grad_(True)
+        self.log_alpha = torch.tensor(math.log(alpha0), device=x.device, requires_grad=True)
+        m = config.momentum
+        self.opt_x = torch.optim.SGD([self.x], lr=config.lr_img, momentum=m)
+        self.opt_y = torch.optim.SGD([self.y], lr=config.lr_targets, momentum=m)
+        self.opt_alpha = torch.optim.SGD([self.log_alpha], lr=config.lr_lr / alpha0**2,
+                                         momentum=m)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    def step(self, grad_x: torch.Tensor, grad_y: torch.Tensor, grad_alpha: torch.Tensor) -> None:
+        self.x.grad, self.y.grad = grad_x, grad_y
+        self.log_alpha.grad = grad_alpha * self.alpha  # chain rule through alpha = exp(.)
+        for opt in (self.opt_x, self.opt_y, self.opt_alpha):
+            opt.step()
+
+    def state_dict(self) -> dict:
+        return {"x": self.x.detach(), "y": self.y.detach(), "log_alpha": self.log_alpha.detach(),
+                "opt_x": self.opt_x.state_dict(), "opt_y": self.opt_y.state_dict(),
+                "opt_alpha": self.opt_alpha.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.x.copy_(state["x"])
+            self.y.copy_(state["y"])
+            self.log_alpha.copy_(state["log_alpha"])
+        self.opt_x.load_state_dict(state["opt_x"])
+        self.opt_y.load_state_dict(state["opt_y"])
+        self.opt_alpha.load_state_dict(state["opt_alpha"])
+
+
+def run_synthesize(
+    config: SynthConfig,
+    run_dir: str | Path,
+    out: str | Path | None,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> dict:
+    """Distil a synthetic set from the teach run ``run_dir`` into ``out`` (HDF5)."""
+    t_start = time.time()
+    opened = open_run(run_dir)
+    experts = ExpertsFile(opened.run.experts)
+    try:
+        return _synthesize(config, opened, experts, out, device, resume, overwrite, progress,
+                           command, t_start)
+    finally:
+        experts.close()
+
+
+def _synthesize(config, opened, experts, out, device, resume, overwrite, progress, command,
+                t_start) -> dict:
+    header = experts.header
+    if config.max_start_epoch + config.expert_epochs > header.epochs:
+        raise ConfigError(
+            f"--max-start-epoch {config.max_start_epoch} + --expert-epochs "
+            f"{config.expert_epochs} = {config.max_start_epoch + config.expert_epochs} goes "
+            f"beyond the recorded trajectories ({header.epochs} epochs in "
+            f"{opened.run.experts}); lower them or record longer experts"
+        )
+    num_train = opened.images.shape[0]
+    n = config.num_images(opened.num_classes, num_train)
+    dataset = opened.teach_config["data"]["dataset"]
+    out = Path(out) if out is not None else default_out(dataset, config, n)
+    partial = out.with_name(out.name + ".partial")
+    ckpt = partial / "checkpoint.pt"
+    record = {"synthesize": to_dict(config), "run": str(opened.run.root.resolve()), "size": n}
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
+    if resume:
+        if not (partial / "config.json").is_file():
+            raise ConfigError(f"--resume: there is no unfinished run for {out} (no {partial})")
+        if json.loads((partial / "config.json").read_text()) != record:
+            raise ConfigError(f"--resume: the configuration differs from the unfinished run in "
+                              f"{partial}; resume with the same options, or drop --resume and "
+                              "pass --overwrite to start again")
+    elif partial.exists():
+        if not overwrite:
+            raise ConfigError(f"an unfinished run for {out} exists ({partial}); pass --resume "
+                              "to continue it or --overwrite to start again")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(partial / "config.json", record)
+
+    student = ConvNetConfig(**header.student)
+    model = ConvNet(student).to(device)
+    spec = header.param_spec
+    if ParamSpec.of(model) != spec:
+        raise ConfigError(f"{opened.run.experts}: its parameter layout does not match the "
+                          "ConvNet it describes (written by another ddkd version?)")
+    normalize = Normalization(tuple(opened.normalization["mean"]),
+                              tuple(opened.normalization["std"]))
+    x_real = normalize(opened.images.to(device))  # (N, C, H, W)
+    z_real = opened.targets.to(device)  # (N, D)
+
+    if config.init == "high-loss":
+        snapshots = (experts.snapshot(k, 1) for k in range(len(experts)))
+        init = high_loss_indices(model, spec, snapshots, x_real, z_real, n)
+    else:
+        init = random_indices(num_train, n, make_generator(config.seed, _STREAM_INIT))
+    alpha0 = config.lr_init if config.lr_init is not None else header.experts_config["lr"]
+    state = _State(x_real[init.to(device)], z_real[init.to(device)], alpha0, config)
+    del x_real, z_real
+    start = 0
+    if resume and ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        state.load_state_dict(saved["state"])
+        start = int(saved["iteration"])
+        log.info("resuming %s at iteration %d", out, start)
+
+    bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
+               disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+    last_ckpt = time.time()
+    for it in range(start, config.iterations):
+        segment = sample_segment(experts, config, n, it, device)
+        mg = meta_gradient(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype))
+        loss = float(mg.loss)
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the matching loss became {loss} at iteration {it + 1}; the last good "
+                f"checkpoint is kept in {partial} (continue with --resume after lowering "
+                f"--lr-img or --lr-lr)"
+            )
+        state.step(mg.grad_x, mg.grad_y, mg.grad_alpha)
+        alpha = float(state.alpha)
+        if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
+            what = "exploded" if not alpha < alpha0 else "collapsed"
+            raise TrainingError(
+                f"the step size {what} to {alpha:.4g} (from {alpha0}, allowed within a factor "
+                f"{config.max_lr_factor:g}) at iteration {it + 1}; lower --lr-lr (now "
+                f"{config.lr_lr:g}); the last good checkpoint is kept in {partial}"
+            )
+        append_jsonl(partial / "metrics.jsonl", {"iteration": it + 1, "loss": loss,
+                                                  "lr": alpha, "expert": segment.expert,
+                                                  "start_epoch": segment.start_epoch})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{alpha:.4g}")
+        if time.time() - last_ckpt >= 60 * config.checkpoint_minutes:
+            with atomic_path(ckpt) as tmp:
+                torch.save({"state": state.state_dict(), "iteration": it + 1}, tmp)
+            last_ckpt = time.time()
+    bar.close()
+
+    history = {}
+    for row in read_jsonl(partial / "metrics.jsonl"):  # later rows win after a resume
+        if row["iteration"] <= config.iterations:
+            history[row["iteration"]] = row
+    losses = [history[i]["loss"] for i in sorted(history)]
+    lrs = [history[i]["lr"] for i in sorted(history)]
+    window = max(1, len(losses) // 10)
+    provenance = {
+        "source_dataset": dataset,
+        "source_train_checksum": opened.environment["inputs"]["train_checksum"],
+        "source_num_classes": opened.num_classes,
+        "run": str(opened.run.root.resolve()),
+        "teacher_checksum": sha256_file(opened.run.teacher),
+        "teacher": opened.teach_config["teacher"],
+        "experts_checksum": sha256_file(opened.run.experts),
+        "num_experts": len(experts),
+        "student": asdict(student),
+        "init": config.init,
+        "iterations": config.iterations,
+        "seed": config.seed,
+        "teach_config": opened.teach_config,
+        "environment": {**environment_record(), "command": command},
+    }
+    synth = SynthSet(
+        images=state.x.detach().cpu(),
+        targets=state.y.detach().cpu(),
+        lr=float(state.alpha),
+        mean=torch.tensor(normalize.mean, dtype=torch.float64),
+        std=torch.tensor(normalize.std, dtype=torch.float64),
+        objective=header.objective,
+        provenance=provenance,
+        config=to_dict(config),
+        init_indices=opened.indices[init],
+        history={"loss": losses, "lr": lrs},
+    )
+    save_synthset(out, synth)
+    shutil.rmtree(partial)
+    return {
+        "out": str(out),
+        "images": n,
+        "iterations": config.iterations,
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+        "window": window,
+        "lr": float(state.alpha),
+        "lr_init": alpha0,
+        "seconds": round(time.time() - t_start, 1),
+    }

@@ -1,0 +1,185 @@
+"""``ddkd synthesize`` and ``ddkd inspect`` end to end on a tiny teach run."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import write_imagefolder
+from ddkd.cli import main
+from ddkd.io.synthset import load_synthset
+
+TEACH = [
+    "--train-teacher", "--teacher-epochs", "1", "--experts", "2", "--expert-epochs", "2",
+    "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
+    "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
+    "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
+    "--seed", "3", "--no-progress",
+]
+SYN_BASE = ["--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
+       "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
+SYN = ["--ipc", "2", *SYN_BASE]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    folder = write_imagefolder(root / "data")
+    run = root / "run"
+    assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run), *TEACH]) == 0
+    return run
+
+
+def synth(run, out, *extra):
+    return main(["synthesize", "--run", str(run), "--out", str(out), *SYN, *extra])
+
+
+def test_synthesize_writes_a_loadable_set(tiny_run, tmp_path, capsys):
+    out = tmp_path / "set.h5"
+    assert synth(tiny_run, out) == 0
+    printed = capsys.readouterr().out
+    assert "matching loss" in printed and "learned step size" in printed
+    s = load_synthset(out)
+    assert s.images.shape == (4, 1, 8, 8) and s.targets.shape == (4, 32)
+    assert s.lr > 0 and len(s.history["loss"]) == 4
+    assert s.provenance["source_dataset"].startswith("imagefolder:")
+    assert len(s.provenance["teacher_checksum"]) == 64 and s.provenance["num_experts"] == 2
+    assert s.config["ipc"] == 2 and s.config["init"] == "high-loss"
+    assert not (tmp_path / "set.h5.partial").exists()
+    # The images started as real training images and moved away from them.
+    from ddkd.data import Normalization, load_dataset
+
+    real = load_dataset(s.provenance["source_dataset"]).images[s.init_indices]
+    start = Normalization(tuple(s.mean.tolist()), tuple(s.std.tolist()))(real)
+    assert not torch.allclose(s.images, start)
+    assert torch.allclose(s.images, start, atol=1.0)
+
+    # The set reads back in a fresh interpreter with the public API.
+    code = ("import ddkd, sys; s = ddkd.load_synthset(sys.argv[1]); "
+            "print(len(s.dataset()), s.lr > 0)")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["4", "True"]
+
+    assert main(["inspect", str(out), "--png", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert "step size" in capsys.readouterr().out
+
+
+def test_same_seed_same_set_and_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch):
+    straight = tmp_path / "straight.h5"
+    assert synth(tiny_run, straight, "--set", "checkpoint_minutes=0") == 0
+
+    from ddkd.synth import runner
+
+    original = runner.meta_gradient
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "meta_gradient", interrupted)
+    resumed = tmp_path / "resumed.h5"
+    assert synth(tiny_run, resumed, "--set", "checkpoint_minutes=0") == 130
+    assert not resumed.exists() and (tmp_path / "resumed.h5.partial" / "checkpoint.pt").exists()
+    monkeypatch.setattr(runner, "meta_gradient", original)
+    assert synth(tiny_run, resumed, "--set", "checkpoint_minutes=0", "--resume") == 0
+    a, b = load_synthset(straight), load_synthset(resumed)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert a.lr == b.lr and list(a.history["loss"]) == list(b.history["loss"])
+
+
+def test_random_init_differs_from_high_loss(tiny_run, tmp_path):
+    assert synth(tiny_run, tmp_path / "hl.h5", "--iterations", "1") == 0
+    assert synth(tiny_run, tmp_path / "rnd.h5", "--iterations", "1", "--init", "random") == 0
+    hl, rnd = load_synthset(tmp_path / "hl.h5"), load_synthset(tmp_path / "rnd.h5")
+    assert not torch.equal(hl.init_indices, rnd.init_indices)
+
+
+def _fails(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddkd synthesize: error:") and len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--ipc", "0"], "--ipc must be >= 1"),
+        (["--size", "1000"], "would have 1000 images but the run has only 24"),
+        (["--max-start-epoch", "2", "--expert-epochs", "1"], "goes beyond the recorded"),
+        (["--init", "median"], "--init 'median' is unknown; valid: high-loss, random"),
+    ],
+)
+def test_bad_input(tiny_run, tmp_path, capsys, extra, match):
+    out = tmp_path / "x.h5"
+    size = [] if {"--ipc", "--size"} & set(extra) else ["--ipc", "2"]
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN_BASE, *size,
+                    *extra], match)
+    assert not out.exists()
+
+
+def test_bad_run_directories_and_existing_outputs(tiny_run, tmp_path, capsys):
+    _fails(capsys, ["synthesize", "--run", str(tmp_path / "none"), *SYN], "does not exist")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    _fails(capsys, ["synthesize", "--run", str(broken), *SYN], "is incomplete (missing")
+    out = tmp_path / "s.h5"
+    assert synth(tiny_run, out, "--iterations", "1") == 0
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN],
+           "already exists; pass --overwrite")
+    assert synth(tiny_run, out, "--iterations", "1", "--overwrite") == 0
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "n.h5"), *SYN,
+                    "--resume"], "no unfinished run")
+
+
+def test_changed_configuration_on_resume_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
+    from ddkd.synth import runner
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "meta_gradient", boom)
+    out = tmp_path / "s.h5"
+    assert synth(tiny_run, out) == 130
+    capsys.readouterr()
+    monkeypatch.undo()
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN, "--resume",
+                    "--lr-img", "5"], "the configuration differs")
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN],
+           "an unfinished run for")
+
+
+def test_nan_and_exploding_step_size_stop_with_the_checkpoint_kept(tiny_run, tmp_path, capsys,
+                                                                   monkeypatch):
+    from ddkd.synth import runner
+
+    original = runner.meta_gradient
+
+    def nan_at_third(*args, **kwargs):
+        nan_at_third.calls += 1
+        mg = original(*args, **kwargs)
+        if nan_at_third.calls == 3:
+            return runner.MetaGradient(torch.tensor(float("nan")), mg.grad_x, mg.grad_y,
+                                       mg.grad_alpha)
+        return mg
+
+    nan_at_third.calls = 0
+    monkeypatch.setattr(runner, "meta_gradient", nan_at_third)
+    out = tmp_path / "nan.h5"
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN, "--set",
+                    "checkpoint_minutes=0"], "matching loss became nan at iteration 3")
+    assert not out.exists()
+    saved = torch.load(tmp_path / "nan.h5.partial" / "checkpoint.pt", weights_only=True)
+    assert saved["iteration"] == 2
+    monkeypatch.undo()
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "big.h5"),
+                    *SYN, "--lr-lr", "1e6"], "the step size collapsed to")
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "big.h5"),
+                    *SYN, "--lr-lr=-1e6"], "lr_lr must be >= 0")

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--lr-targets", type=float, help="learning rate of the targets")
     syn.add_argument("--batch-syn", type=int, help="synthetic mini-batch per inner step")
     syn.add_argument("--init", help="high-loss (MKDT) or random")
-    syn.add_argument("--augment", help="none (MKDT)")
+    syn.add_argument("--augment", help="none (MKDT) or dsa (MTT's differentiable siamese "
+                     "augmentation, one draw per step shared by all images)")
     syn.add_argument("--seed", type=int, help="seed of the iterations' draws")
     syn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     syn.add_argument("--out", help="output file (default: synth_sets/DATASET_ipcK_seedS.h5)")

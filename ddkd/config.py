@@ -157,7 +157,7 @@ class SynthConfig:
     momentum: float = 0.5  # of the three outer SGD optimisers
     batch_syn: int = 256
     init: str = "high-loss"  # high-loss | random
-    augment: str = "none"  # none (MKDT)
+    augment: str = "none"  # none (MKDT) | dsa (MTT's differentiable siamese augmentation)
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
     checkpoint_minutes: float = 5.0
     seed: int = 0
@@ -185,8 +185,8 @@ class SynthConfig:
             raise ConfigError(f"lr_init must be > 0, got {self.lr_init}")
         if self.init not in ("high-loss", "random"):
             raise ConfigError(f"--init {self.init!r} is unknown; valid: high-loss, random")
-        if self.augment not in ("none",):
-            raise ConfigError(f"--augment {self.augment!r} is unknown; valid: none")
+        if self.augment not in ("none", "dsa"):
+            raise ConfigError(f"--augment {self.augment!r} is unknown; valid: none, dsa")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 

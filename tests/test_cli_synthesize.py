@@ -93,6 +93,15 @@ def test_same_seed_same_set_and_resume_equals_uninterrupted(tiny_run, tmp_path, 
     assert a.lr == b.lr and list(a.history["loss"]) == list(b.history["loss"])
 
 
+def test_dsa_run_is_reproducible(tiny_run, tmp_path):
+    assert synth(tiny_run, tmp_path / "a.h5", "--augment", "dsa") == 0
+    assert synth(tiny_run, tmp_path / "b.h5", "--augment", "dsa") == 0
+    assert synth(tiny_run, tmp_path / "c.h5") == 0
+    a, b, c = (load_synthset(tmp_path / f"{n}.h5") for n in "abc")
+    assert torch.equal(a.images, b.images) and a.config["augment"] == "dsa"
+    assert not torch.equal(a.images, c.images)
+
+
 def test_random_init_differs_from_high_loss(tiny_run, tmp_path):
     assert synth(tiny_run, tmp_path / "hl.h5", "--iterations", "1") == 0
     assert synth(tiny_run, tmp_path / "rnd.h5", "--iterations", "1", "--init", "random") == 0

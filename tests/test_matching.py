@@ -6,6 +6,7 @@ from torch import nn
 
 from ddkd.models import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec, flat_params
+from ddkd.synth.augment import DSA
 from ddkd.synth.matching import (
     Segment,
     matching_loss,
@@ -30,16 +31,19 @@ def _problem(steps=3, n=6, batch=4, seed=0):
     return model, spec, segment, x, y, alpha
 
 
-def _loss(model, spec, segment, x, y, alpha):
+def _loss(model, spec, segment, x, y, alpha, augment=None):
     theta = unroll(model, spec, segment.theta_start, x, y, alpha, segment.batches,
-                   create_graph=False)
+                   augment=augment, create_graph=False)
     return matching_loss(theta.detach(), segment.theta_start, segment.theta_target).item()
 
 
+@pytest.mark.parametrize("augment", ["none", "dsa"])
 @pytest.mark.parametrize("which", ["x", "y", "alpha"])
-def test_meta_gradient_matches_finite_differences(which):
+def test_meta_gradient_matches_finite_differences(which, augment):
     model, spec, segment, x, y, alpha = _problem()
-    mg = meta_gradient(model, spec, segment, x, y, alpha)
+    dsa = DSA(seed=0)
+    aug = (lambda images, step: dsa(images, 0, step)) if augment == "dsa" else None
+    mg = meta_gradient(model, spec, segment, x, y, alpha, augment=aug)
     args = {"x": x, "y": y, "alpha": alpha}
     grad = {"x": mg.grad_x, "y": mg.grad_y, "alpha": mg.grad_alpha}[which]
     direction = torch.randn_like(args[which], generator=torch.Generator().manual_seed(1)) \
@@ -47,11 +51,11 @@ def test_meta_gradient_matches_finite_differences(which):
     eps = 1e-6
     plus = dict(args, **{which: args[which] + eps * direction})
     minus = dict(args, **{which: args[which] - eps * direction})
-    numeric = (_loss(model, spec, segment, **plus) - _loss(model, spec, segment, **minus)) / (
-        2 * eps)
+    numeric = (_loss(model, spec, segment, **plus, augment=aug)
+               - _loss(model, spec, segment, **minus, augment=aug)) / (2 * eps)
     analytic = (grad * direction).sum().item()
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
-    assert mg.loss.item() == pytest.approx(_loss(model, spec, segment, x, y, alpha))
+    assert mg.loss.item() == pytest.approx(_loss(model, spec, segment, x, y, alpha, aug))
 
 
 def test_one_step_has_the_closed_form_of_linear_regression():

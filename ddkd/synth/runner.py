@@ -29,6 +29,7 @@ from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.synth.augment import DSA
 from ddkd.synth.init import high_loss_indices, random_indices
 from ddkd.synth.matching import MetaGradient, Segment, meta_gradient, sample_batches  # noqa: F401
 
@@ -183,12 +184,15 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         start = int(saved["iteration"])
         log.info("resuming %s at iteration %d", out, start)
 
+    dsa = DSA(config.seed) if config.augment == "dsa" else None
     bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
     last_ckpt = time.time()
     for it in range(start, config.iterations):
         segment = sample_segment(experts, config, n, it, device)
-        mg = meta_gradient(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype))
+        augment = (lambda x, step, it=it: dsa(x, it, step)) if dsa is not None else None
+        mg = meta_gradient(model, spec, segment, state.x, state.y,
+                           state.alpha.to(state.x.dtype), augment=augment)
         loss = float(mg.loss)
         if not math.isfinite(loss):
             raise TrainingError(

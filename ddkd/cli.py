@@ -110,6 +110,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
         "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "seed",
     ) if getattr(args, name) is not None}
+    if args.zca:
+        flags["zca"] = True
     if {"ipc", "size", "fraction"} & set(flags):
         for name in ("ipc", "size", "fraction"):  # a size on the command line replaces the recipe's
             values.pop(name, None)
@@ -250,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--init", help="high-loss (MKDT) or random")
     syn.add_argument("--augment", help="none (MKDT) or dsa (MTT's differentiable siamese "
                      "augmentation, one draw per step shared by all images)")
+    syn.add_argument("--zca", action="store_true", help="match in ZCA-whitened space; the "
+                     "run must have been made with --set data.zca=true (its experts define "
+                     "the space, and a whitened run is always matched whitened)")
     syn.add_argument("--seed", type=int, help="seed of the iterations' draws")
     syn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     syn.add_argument("--out", help="output file (default: synth_sets/DATASET_ipcK_seedS.h5)")

@@ -35,6 +35,8 @@ class DataConfig:
     dataset: str = "fashion-mnist"
     data_root: str | None = None
     subset: int | None = None  # use N training images (a seeded random subset); None = all
+    zca: bool = False  # train the experts on ZCA-whitened images (MTT's option; MKDT: off)
+    zca_eps: float = 0.1
 
     def __post_init__(self) -> None:
         from ddkd.data.datasets import DATASET_NAMES, is_valid_name
@@ -45,6 +47,8 @@ class DataConfig:
             )
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"--subset must be >= 1, got {self.subset}")
+        if self.zca_eps <= 0:
+            raise ConfigError(f"data.zca_eps must be > 0, got {self.zca_eps}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class SynthConfig:
     batch_syn: int = 256
     init: str = "high-loss"  # high-loss | random
     augment: str = "none"  # none (MKDT) | dsa (MTT's differentiable siamese augmentation)
+    zca: bool = False  # require the run's ZCA whitening (set at teach time: data.zca)
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
     checkpoint_minutes: float = 5.0
     seed: int = 0

@@ -130,7 +130,7 @@ def test_bad_input(tiny_run, tmp_path, capsys, extra, match):
     size = [] if {"--ipc", "--size"} & set(extra) else ["--ipc", "2"]
     _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN_BASE, *size,
                     *extra], match)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
 
 
 def test_bad_run_directories_and_existing_outputs(tiny_run, tmp_path, capsys):
@@ -192,3 +192,22 @@ def test_nan_and_exploding_step_size_stop_with_the_checkpoint_kept(tiny_run, tmp
                     *SYN, "--lr-lr", "1e6"], "the step size collapsed to")
     _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "big.h5"),
                     *SYN, "--lr-lr=-1e6"], "lr_lr must be >= 0")
+
+
+def test_zca_run_and_set(tiny_run, tmp_path, capsys):
+    _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "z.h5"),
+                    *SYN, "--zca"], "were trained without ZCA whitening")
+    assert not (tmp_path / "z.h5.partial").exists()
+    folder = write_imagefolder(tmp_path / "data")
+    run = tmp_path / "zrun"
+    assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run), *TEACH,
+                 "--set", "data.zca=true"]) == 0
+    out = tmp_path / "z.h5"
+    assert synth(run, out, "--zca") == 0
+    s = load_synthset(out)
+    assert s.zca is not None and s.zca.matrix.shape == (64, 64)
+    # The images are stored whitened; pixels() undoes the whitening and the normalisation.
+    from ddkd.data import load_dataset
+
+    real = load_dataset(f"imagefolder:{folder}").images[s.init_indices].float() / 255
+    assert (s.pixels() - real).abs().mean() < (s.images - real).abs().mean()

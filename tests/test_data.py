@@ -108,3 +108,15 @@ def test_mnist():
 def test_cifar10_samples():
     ds = load_dataset("cifar10-samples")
     assert ds.images.shape == (20, 3, 32, 32) and ds.num_classes == 10
+
+
+def test_zca_whitens_and_undoes():
+    from ddkd.data.transforms import ZCA
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 3, 3, generator=gen) @ torch.randn(3, 3, generator=gen)
+    zca = ZCA.fit(x, eps=1e-6)
+    white = zca(x).flatten(1).double()
+    cov = white.T @ white / (len(white) - 1)
+    assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=1e-2)
+    assert torch.allclose(zca.undo(zca(x)), x, atol=1e-4)

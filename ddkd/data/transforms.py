@@ -67,3 +67,40 @@ def ssl_augmentation(channels: int, image_size: int) -> nn.Module:
     if not small:
         ops += [K.RandomGaussianBlur((23, 23), (0.1, 2.0), p=0.5)]
     return K.AugmentationSequential(*ops)
+
+
+@dataclass(frozen=True)
+class ZCA:
+    """ZCA whitening of normalised images (kornia's ``ZCAWhitening``), as MTT uses it
+    (``eps = 0.1``). Stored with the run and with every synthetic set so it can be undone.
+
+    Attributes:
+        mean: ``(d,)`` with ``d = C * H * W``.
+        matrix: ``(d, d)``: whitened = (x - mean) @ matrix.
+        inverse: ``(d, d)``: x = whitened @ inverse + mean.
+        eps: the regulariser added to the eigenvalues.
+    """
+
+    mean: torch.Tensor
+    matrix: torch.Tensor
+    inverse: torch.Tensor
+    eps: float
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, eps: float = 0.1) -> ZCA:
+        """Fit on normalised images ``(N, C, H, W)`` (float)."""
+        from kornia.enhance import ZCAWhitening
+
+        zca = ZCAWhitening(eps=eps, compute_inv=True).fit(x.detach().double().cpu())
+        return cls(zca.mean_vector.reshape(-1).float(), zca.transform_matrix.float(),
+                   zca.transform_inv.float(), float(eps))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1) - self.mean.to(x)
+        return (flat @ self.matrix.to(x)).view_as(x)
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) @ self.inverse.to(x) + self.mean.to(x)).view_as(x)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "matrix": self.matrix, "inverse": self.inverse}

@@ -126,8 +126,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta: dict) -> None:
-    """Atomically write the ``(N, D)`` target matrix and the train-split indices it covers."""
+def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta: dict,
+                 zca: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically write the ``(N, D)`` target matrix, the train-split indices it covers and,
+    when the experts train on whitened images, the ZCA transform (group ``/zca``)."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = TARGETS_FORMAT
@@ -135,6 +137,18 @@ def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta:
             fh.attrs["meta"] = json.dumps(meta, sort_keys=True)
             fh.create_dataset("targets", data=targets.numpy().astype(np.float32))
             fh.create_dataset("indices", data=indices.numpy().astype(np.int64))
+            if zca is not None:
+                group = fh.create_group("zca")
+                for name, tensor in zca.items():
+                    group.create_dataset(name, data=tensor.numpy())
+
+
+def load_zca(path: Path) -> dict[str, torch.Tensor] | None:
+    """The ZCA tensors stored with the targets, or None when the run does not whiten."""
+    with h5py.File(path, "r") as fh:
+        if "zca" not in fh:
+            return None
+        return {name: torch.from_numpy(ds[()]) for name, ds in fh["zca"].items()}
 
 
 def load_targets(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -166,6 +180,7 @@ class OpenedRun:
     indices: torch.Tensor  # (N,) into the dataset's training split
     targets: torch.Tensor  # (N, D) float32
     normalization: dict  # {"mean": [...], "std": [...]}
+    zca: dict[str, torch.Tensor] | None  # mean, matrix, inverse; None without whitening
 
 
 def open_run(root: str | Path) -> OpenedRun:
@@ -193,4 +208,4 @@ def open_run(root: str | Path) -> OpenedRun:
         raise ConfigError(f"the training images of {data['dataset']} differ from those the run "
                           f"{run.root} was made from (checksum mismatch): the dataset changed")
     return OpenedRun(run, config, env, train.images, train.labels, train.num_classes, indices,
-                     targets, meta["normalization"])
+                     targets, meta["normalization"], load_zca(run.targets))

@@ -13,6 +13,8 @@ Layout (documented for users in ``synth_sets/README.md``)::
     /normalization/mean     (C,) float64 per-channel mean in [0, 1] pixel units
     /normalization/std      (C,) float64 per-channel std
     /objective/...          the objective's fitted state (empty for "mse")
+    /zca/mean, /zca/matrix, /zca/inverse   only for whitened sets: (d,), (d, d), (d, d)
+                            with d = C*H*W; attr eps. Normalised images = images @ inverse + mean
     /history/loss           (iterations,) float32 matching loss per iteration
     /history/lr             (iterations,) float32 step size per iteration
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ddkd.data.transforms import ZCA
 from ddkd.errors import FileFormatError
 from ddkd.io.atomic import atomic_path
 
@@ -63,6 +66,7 @@ class SynthSet:
     init_indices: torch.Tensor
     objective_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: dict[str, np.ndarray] = field(default_factory=dict)
+    zca: ZCA | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -73,9 +77,10 @@ class SynthSet:
 
     def pixels(self) -> torch.Tensor:
         """Images in [0, 1] pixel units ``(n, C, H, W)`` (clamped), for viewing."""
+        images = self.zca.undo(self.images) if self.zca is not None else self.images
         std = self.std.to(self.images.dtype).view(1, -1, 1, 1)
         mean = self.mean.to(self.images.dtype).view(1, -1, 1, 1)
-        return (self.images * std + mean).clamp(0, 1)
+        return (images * std + mean).clamp(0, 1)
 
 
 def save_synthset(path: str | Path, s: SynthSet) -> None:
@@ -101,6 +106,11 @@ def save_synthset(path: str | Path, s: SynthSet) -> None:
             obj = fh.create_group("objective")
             for name, tensor in s.objective_state.items():
                 obj.create_dataset(name, data=tensor.cpu().numpy())
+            if s.zca is not None:
+                zca = fh.create_group("zca")
+                zca.attrs["eps"] = s.zca.eps
+                for name, tensor in s.zca.tensors().items():
+                    zca.create_dataset(name, data=tensor.cpu().numpy().astype(np.float32))
             hist = fh.create_group("history")
             for name, values in s.history.items():
                 hist.create_dataset(name, data=np.asarray(values, dtype=np.float32))
@@ -119,6 +129,10 @@ def _validate(s: SynthSet, where: str) -> None:
     c = s.images.shape[1]
     if s.mean.shape != (c,) or s.std.shape != (c,):
         raise FileFormatError(f"{where}: normalization mean/std must have {c} entries")
+    d = int(np.prod(s.images.shape[1:]))
+    if s.zca is not None and (s.zca.mean.shape != (d,) or s.zca.matrix.shape != (d, d)
+                              or s.zca.inverse.shape != (d, d)):
+        raise FileFormatError(f"{where}: the ZCA transform must be ({d},) and ({d}, {d})")
     if not np.isfinite(s.lr) or s.lr <= 0:
         raise FileFormatError(f"{where}: the step size lr must be a positive number, got {s.lr}")
 
@@ -162,6 +176,8 @@ def load_synthset(path: str | Path) -> SynthSet:
                 init_indices=torch.from_numpy(fh["init_indices"][()]),
                 objective_state={k: torch.from_numpy(v[()]) for k, v in fh["objective"].items()},
                 history={k: np.asarray(v[()]) for k, v in fh["history"].items()},
+                zca=ZCA(**{k: torch.from_numpy(v[()]) for k, v in fh["zca"].items()},
+                        eps=float(fh["zca"].attrs["eps"])) if "zca" in fh else None,
             )
         except KeyError as err:
             missing = [k for k in ("images", "targets", "init_indices", "normalization/mean",

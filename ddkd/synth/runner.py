@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ddkd.config import SynthConfig, to_dict
-from ddkd.data.transforms import Normalization
+from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.io.atomic import append_jsonl, atomic_path, read_jsonl, write_json
 from ddkd.io.experts import ExpertsFile
@@ -138,6 +138,15 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     n = config.num_images(opened.num_classes, num_train)
     dataset = opened.teach_config["data"]["dataset"]
     out = Path(out) if out is not None else default_out(dataset, config, n)
+    if config.zca and opened.zca is None:
+        raise ConfigError(f"--zca: the experts of {opened.run.root} were trained without ZCA "
+                          "whitening; make a whitened run with `ddkd teach --set data.zca=true`")
+    student = ConvNetConfig(**header.student)
+    model = ConvNet(student).to(device)
+    spec = header.param_spec
+    if ParamSpec.of(model) != spec:
+        raise ConfigError(f"{opened.run.experts}: its parameter layout does not match the "
+                          "ConvNet it describes (written by another ddkd version?)")
     partial = out.with_name(out.name + ".partial")
     ckpt = partial / "checkpoint.pt"
     record = {"synthesize": to_dict(config), "run": str(opened.run.root.resolve()), "size": n}
@@ -158,15 +167,16 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     partial.mkdir(parents=True, exist_ok=True)
     write_json(partial / "config.json", record)
 
-    student = ConvNetConfig(**header.student)
-    model = ConvNet(student).to(device)
-    spec = header.param_spec
-    if ParamSpec.of(model) != spec:
-        raise ConfigError(f"{opened.run.experts}: its parameter layout does not match the "
-                          "ConvNet it describes (written by another ddkd version?)")
     normalize = Normalization(tuple(opened.normalization["mean"]),
                               tuple(opened.normalization["std"]))
+    zca = None
+    if opened.zca is not None:
+        # The experts define the input space: a whitened run is matched in whitened space.
+        zca = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))
+        log.info("the run's experts were trained on ZCA-whitened images: matching in that space")
     x_real = normalize(opened.images.to(device))  # (N, C, H, W)
+    if zca is not None:
+        x_real = zca(x_real)
     z_real = opened.targets.to(device)  # (N, D)
 
     if config.init == "high-loss":
@@ -254,6 +264,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         config=to_dict(config),
         init_indices=opened.indices[init],
         history={"loss": losses, "lr": lrs},
+        zca=zca,
     )
     save_synthset(out, synth)
     shutil.rmtree(partial)

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from ddkd.config import TeachConfig, to_dict
 from ddkd.data.datasets import ImageTensors, load_dataset
-from ddkd.data.transforms import Normalization
+from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError
 from ddkd.io.atomic import append_jsonl, atomic_path, write_json
 from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
-from ddkd.io.run import RunDir, load_targets, prepare_run_dir, save_targets
+from ddkd.io.run import RunDir, load_targets, load_zca, prepare_run_dir, save_targets
 from ddkd.io.weights import load_weights, save_weights
 from ddkd.models.convnet import ConvNetConfig
 from ddkd.models.functional import ParamSpec
@@ -144,16 +144,21 @@ def run_teach(
         _train_teacher(config, teacher, train, run, device, progress)
     teacher.net.eval()
 
-    # Phase 2: the targets.
+    # Phase 2: the targets (and the ZCA transform of the experts' inputs, if asked for).
     if run.targets.is_file():
         z_train, _, _ = load_targets(run.targets)
+        zca_tensors = load_zca(run.targets)
+        zca = ZCA(**zca_tensors, eps=config.data.zca_eps) if zca_tensors else None
     else:
         bar = _bar(len(train), "targets", "img", progress)
         z_train = compute_targets(teacher.net, train.images, teacher.normalize, device,
                                   on_batch=bar.update)
         bar.close()
+        zca = (ZCA.fit(teacher.normalize(train.images), config.data.zca_eps)
+               if config.data.zca else None)
         save_targets(run.targets, z_train, indices, {"normalization": asdict(teacher.normalize),
-                                                     "teacher": teacher.arch})
+                                                     "teacher": teacher.arch},
+                     zca.tensors() if zca else None)
 
     # Phase 3: what the teacher's features are worth (saved with the teacher).
     if not run.teacher.is_file():
@@ -172,8 +177,8 @@ def run_teach(
              100 * knn["teacher"], 100 * knn["random_init"], 100 * knn["raw_pixels"])
 
     # Phase 4: the experts.
-    expert_losses = _record_experts(config, train, z_train, teacher.normalize, run, device,
-                                    progress)
+    expert_losses = _record_experts(config, train, z_train, teacher.normalize, zca, run,
+                                    device, progress)
     summary = {
         "run": str(run.root),
         "dataset": config.data.dataset,
@@ -251,8 +256,8 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
 
 
 def _record_experts(config: TeachConfig, train: ImageTensors, z_train: torch.Tensor,
-                    normalize: Normalization, run: RunDir, device: torch.device,
-                    progress: bool) -> list[float]:
+                    normalize: Normalization, zca: ZCA | None, run: RunDir,
+                    device: torch.device, progress: bool) -> list[float]:
     """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses."""
     ec = config.experts
     if ec.num_experts == 0:
@@ -260,6 +265,8 @@ def _record_experts(config: TeachConfig, train: ImageTensors, z_train: torch.Ten
     if not run.experts.is_file():
         sc = student_config(config, train.shape, int(z_train.shape[1]))
         x_train = normalize(train.images.to(device))  # (N, C, H, W) float, kept on the device
+        if zca is not None:
+            x_train = zca(x_train)
         z_dev = z_train.to(device)
         run.expert_shards.mkdir(exist_ok=True)
         bar = _bar(ec.num_experts * ec.epochs, "experts", "epoch", progress)

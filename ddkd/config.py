@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from ddkd.errors import ConfigError
 
@@ -223,8 +222,6 @@ def to_json(config: Any) -> str:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Coerce ``value`` (from TOML or a ``--set`` string) to the field type ``annotation``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing, "types": types})  # noqa: S307 (own hints)
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -256,28 +253,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 def build_config(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, coercing types and rejecting unknown keys."""
-    fields = _fields(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         name = f"{where}{key}"
-        if key not in fields:
-            valid = ", ".join(sorted(fields))
+        if key not in hints:
+            valid = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
             raise ConfigError(f"unknown setting {name!r}; valid here: {valid}")
-        f = fields[key]
-        hint = typing.get_type_hints(cls)[key]
+        hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} is a section; set its keys as {name}.KEY=VALUE")
             kwargs[key] = build_config(hint, value, where=f"{name}.")
+        elif isinstance(value, dict):
+            raise ConfigError(f"{name} is a single value, not a section")
         else:
             kwargs[key] = _coerce(value, hint, name)
-        del f
     return cls(**kwargs)
 
 
@@ -319,17 +312,3 @@ def load_recipe(path: str | Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"--recipe {path} is not valid TOML: {err}") from err
-
-
-def resolve(cls: type, recipe: str | Path | None, overrides: list[str], flags: dict) -> Any:
-    """defaults <- recipe <- --set overrides <- named flags, validated into ``cls``.
-
-    A recipe may hold sections for several stages (``[teach.*]``, ``[synthesize]``...); only
-    the part for ``cls`` is read: a top-level table named like the stage, or the whole file.
-    """
-    values: dict = {}
-    if recipe is not None:
-        values = load_recipe(recipe)
-    values = merge(values, parse_overrides(overrides))
-    values = merge(values, flags)
-    return build_config(cls, values)

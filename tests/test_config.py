@@ -7,8 +7,9 @@ from ddkd.config import (
     ExpertConfig,
     TeachConfig,
     build_config,
+    load_recipe,
+    merge,
     parse_overrides,
-    resolve,
 )
 from ddkd.errors import ConfigError
 
@@ -58,7 +59,9 @@ def test_every_shipped_recipe_parses(recipe: Path):
 def test_recipe_then_set_then_flags(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text("[experts]\nlr = 0.2\nepochs = 3\n")
-    c = resolve(TeachConfig, recipe, ["experts.lr=0.3"], {"experts": {"epochs": 4}})
+    values = merge(merge(load_recipe(recipe), parse_overrides(["experts.lr=0.3"])),
+                   {"experts": {"epochs": 4}})
+    c = build_config(TeachConfig, values)
     assert c.experts.lr == 0.3 and c.experts.epochs == 4
 
 
@@ -66,4 +69,4 @@ def test_invalid_toml_is_named(tmp_path):
     recipe = tmp_path / "bad.toml"
     recipe.write_text("[experts\n")
     with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
-        resolve(TeachConfig, recipe, [], {})
+        load_recipe(recipe)

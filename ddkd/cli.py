@@ -108,7 +108,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     values = merge(stage_values(recipe, "synthesize"), parse_overrides(args.set or []))
     flags = {name: getattr(args, name) for name in (
         "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
-        "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "seed",
+        "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "seed",
     ) if getattr(args, name) is not None}
     if args.zca:
         flags["zca"] = True
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--init", help="high-loss (MKDT) or random")
     syn.add_argument("--augment", help="none (MKDT) or dsa (MTT's differentiable siamese "
                      "augmentation, one draw per step shared by all images)")
+    syn.add_argument("--memory", help="unrolled (MTT: keeps the graph of all N steps, memory "
+                     "linear in N) or constant (TESLA: the same gradient, recomputed step by "
+                     "step backwards; memory flat in N)")
     syn.add_argument("--zca", action="store_true", help="match in ZCA-whitened space; the "
                      "run must have been made with --set data.zca=true (its experts define "
                      "the space, and a whitened run is always matched whitened)")

@@ -162,6 +162,7 @@ class SynthConfig:
     init: str = "high-loss"  # high-loss | random
     augment: str = "none"  # none (MKDT) | dsa (MTT's differentiable siamese augmentation)
     zca: bool = False  # require the run's ZCA whitening (set at teach time: data.zca)
+    memory: str = "unrolled"  # unrolled (MTT: graph of all N steps) | constant (TESLA)
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
     checkpoint_minutes: float = 5.0
     seed: int = 0
@@ -189,6 +190,8 @@ class SynthConfig:
             raise ConfigError(f"lr_init must be > 0, got {self.lr_init}")
         if self.init not in ("high-loss", "random"):
             raise ConfigError(f"--init {self.init!r} is unknown; valid: high-loss, random")
+        if self.memory not in ("unrolled", "constant"):
+            raise ConfigError(f"--memory {self.memory!r} is unknown; valid: unrolled, constant")
         if self.augment not in ("none", "dsa"):
             raise ConfigError(f"--augment {self.augment!r} is unknown; valid: none, dsa")
         if not 0 <= self.momentum < 1:

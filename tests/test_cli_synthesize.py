@@ -102,6 +102,15 @@ def test_dsa_run_is_reproducible(tiny_run, tmp_path):
     assert not torch.equal(a.images, c.images)
 
 
+def test_constant_memory_run_matches_the_unrolled_one(tiny_run, tmp_path):
+    assert synth(tiny_run, tmp_path / "u.h5") == 0
+    assert synth(tiny_run, tmp_path / "c.h5", "--memory", "constant") == 0
+    u, c = load_synthset(tmp_path / "u.h5"), load_synthset(tmp_path / "c.h5")
+    assert c.config["memory"] == "constant"
+    assert torch.allclose(u.images, c.images, atol=1e-4)
+    assert u.lr == pytest.approx(c.lr, rel=1e-5)
+
+
 def test_random_init_differs_from_high_loss(tiny_run, tmp_path):
     assert synth(tiny_run, tmp_path / "hl.h5", "--iterations", "1") == 0
     assert synth(tiny_run, tmp_path / "rnd.h5", "--iterations", "1", "--init", "random") == 0

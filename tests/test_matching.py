@@ -86,3 +86,23 @@ def test_sample_batches_follow_the_published_chunking():
     assert [len(b) for b in batches] == [2, 4, 4, 2, 4]  # last chunk first, then redraw
     assert sorted(torch.cat(batches[:3]).tolist()) == list(range(10))
     assert all(len(b) == 3 for b in sample_batches(3, 4, 256, gen))
+
+
+@pytest.mark.parametrize("augment", ["none", "dsa"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_constant_memory_gradient_equals_the_unrolled_one(augment, steps):
+    from ddkd.synth.matching import meta_gradient_constant_memory
+
+    model, spec, segment, x, y, alpha = _problem(steps=steps, n=6, batch=4)
+    dsa = DSA(seed=0)
+    aug = (lambda images, step: dsa(images, 0, step)) if augment == "dsa" else None
+    ref = meta_gradient(model, spec, segment, x, y, alpha, augment=aug)
+    got = meta_gradient_constant_memory(model, spec, segment, x, y, alpha, augment=aug)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    assert rel(got.grad_x, ref.grad_x) < 1e-5
+    assert rel(got.grad_y, ref.grad_y) < 1e-5
+    assert rel(got.grad_alpha, ref.grad_alpha) < 1e-5

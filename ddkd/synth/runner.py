@@ -31,7 +31,13 @@ from ddkd.models.functional import ParamSpec
 from ddkd.runtime import environment_record, make_generator, sha256_file
 from ddkd.synth.augment import DSA
 from ddkd.synth.init import high_loss_indices, random_indices
-from ddkd.synth.matching import MetaGradient, Segment, meta_gradient, sample_batches  # noqa: F401
+from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and tests)
+    MetaGradient,
+    Segment,
+    meta_gradient,
+    meta_gradient_constant_memory,
+    sample_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +207,9 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     for it in range(start, config.iterations):
         segment = sample_segment(experts, config, n, it, device)
         augment = (lambda x, step, it=it: dsa(x, it, step)) if dsa is not None else None
-        mg = meta_gradient(model, spec, segment, state.x, state.y,
-                           state.alpha.to(state.x.dtype), augment=augment)
+        compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
+        mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
+                     augment=augment)
         loss = float(mg.loss)
         if not math.isfinite(loss):
             raise TrainingError(

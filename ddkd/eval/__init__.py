@@ -1,0 +1,1 @@
+"""Stage 3 (``ddkd evaluate``): pre-train fresh encoders on a set, probe with few labels."""

@@ -1,0 +1,102 @@
+"""Pre-training a fresh encoder on a synthetic (or real) set by regressing its targets.
+
+MKDT (Joshi et al., ICLR 2025), section 5: MSE to the set's targets, SGD momentum 0.9, weight
+decay 1e-4, batch 256, 20 epochs, learning rate = the set's learned step size (0.1 for
+baselines). The encoder is the student ConvNet by default, or a CIFAR-stem ResNet (BatchNorm)
+with a linear head for cross-architecture evaluation; the head is dropped for probing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkd.errors import ConfigError, TrainingError
+from ddkd.models.convnet import ConvNet, ConvNetConfig
+from ddkd.models.resnet import ResNet, ResNetConfig
+from ddkd.runtime import make_generator
+
+ARCHS = ("convnet", "resnet10", "resnet18")
+_STREAM_INIT, _STREAM_ORDER = 80, 81
+
+
+class ResNetEncoder(nn.Module):
+    """A CIFAR-stem ResNet with a linear head to the target dimension."""
+
+    def __init__(self, config: ResNetConfig, out_dim: int):
+        super().__init__()
+        self.backbone = ResNet(config)
+        self.head = nn.Linear(config.feature_dim, out_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_encoder(arch: str, shape: tuple[int, int, int], out_dim: int, seed: int,
+                  student: dict | None = None) -> nn.Module:
+    """A freshly initialised encoder with ``features(x)`` and a head to ``out_dim``.
+
+    ``student`` (a ConvNet configuration from an experts file or a set) sets the ConvNet's
+    depth, width and norm, so that the default encoder is exactly the distilled student.
+    """
+    c, h, w = shape
+    if arch not in ARCHS:
+        raise ConfigError(f"--arch {arch!r} is unknown; valid: {', '.join(ARCHS)}")
+    gen = make_generator(seed, _STREAM_INIT)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        if arch == "convnet":
+            if h != w:
+                raise ConfigError(f"the ConvNet needs square images, got {h}x{w}")
+            base = dict(student or {})
+            base.update(in_channels=c, image_size=h, out_dim=out_dim)
+            return ConvNet(ConvNetConfig(**{k: base[k] for k in base
+                                            if k in ConvNetConfig.__dataclass_fields__}))
+        depth = int(arch.removeprefix("resnet"))
+        return ResNetEncoder(ResNetConfig(in_channels=c, depth=depth, base_width=64), out_dim)
+
+
+def pretrain(
+    encoder: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    seed: int,
+    epochs: int = 20,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+) -> list[float]:
+    """Train ``encoder`` on ``x`` ``(n, C, H, W)`` (model-input space) to regress ``y``
+    ``(n, D)``, in place; returns the mean loss of every epoch."""
+    opt = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    gen = make_generator(seed, _STREAM_ORDER)
+    encoder.train()
+    n = x.shape[0]
+    losses = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen).to(x.device)
+        total = torch.zeros((), device=x.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) == 1 and any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules()):
+                continue  # BatchNorm cannot normalise a batch of one
+            loss = F.mse_loss(encoder(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        mean = (total / n).item()
+        if not math.isfinite(mean):
+            raise TrainingError(f"pre-training diverged (loss {mean}) in epoch {epoch + 1} at "
+                                f"lr {lr:g}")
+        losses.append(mean)
+    encoder.eval()
+    return losses

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from ddkd.errors import ConfigError
+from ddkd.eval.labels import label_subset
+from ddkd.eval.probe import linear_probe
+
+
+def test_probe_separates_linearly_separable_features():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=gen) * 4
+    y = torch.arange(400) % 4
+    x = centers[y] + torch.randn(400, 16, generator=gen)
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:], 4) > 0.99
+
+
+def test_probe_is_at_chance_on_noise():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(600, 8, generator=gen), torch.randint(0, 3, (600,), generator=gen)
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:], 3) < 0.45
+
+
+def test_stratified_subsets_have_per_class_counts_and_are_fixed_by_seed():
+    labels = torch.arange(1000) % 10
+    idx = label_subset(labels, 0.05, seed=0, num_classes=10)
+    assert labels[idx].bincount().tolist() == [5] * 10
+    assert torch.equal(idx, label_subset(labels, 0.05, seed=0, num_classes=10))
+    assert not torch.equal(idx, label_subset(labels, 0.05, seed=1, num_classes=10))
+    uniform = label_subset(labels, 0.05, seed=0, num_classes=10, stratified=False)
+    assert len(uniform) == 50 and torch.equal(uniform, uniform.unique())
+
+
+def test_too_small_fraction_is_refused_with_the_count():
+    labels = torch.arange(1000) % 10
+    with pytest.raises(ConfigError, match="leaves 0.40 labels for class 0 .100 examples"):
+        label_subset(labels, 0.004, seed=0, num_classes=10)
+    with pytest.raises(ConfigError, match="not in"):
+        label_subset(labels, 1.5, seed=0, num_classes=10)
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet10"])
+def test_pretraining_regresses_the_targets(arch):
+    from ddkd.eval.pretrain import build_encoder, pretrain
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=gen)
+    y = x.flatten(1)[:, :4] * 2
+    enc = build_encoder(arch, (1, 8, 8), 4, seed=0, student={"depth": 2, "width": 8})
+    losses = pretrain(enc, x, y, lr=0.05, seed=0, epochs=15, batch_size=8)
+    assert losses[-1] < 0.5 * losses[0]
+    assert enc.features(x).ndim == 2
+    again = build_encoder(arch, (1, 8, 8), 4, seed=0, student={"depth": 2, "width": 8})
+    pretrain(again, x, y, lr=0.05, seed=0, epochs=15, batch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+
+
+def test_unknown_arch_lists_the_valid_ones():
+    from ddkd.eval.pretrain import build_encoder
+
+    with pytest.raises(ConfigError, match="valid: convnet, resnet10, resnet18"):
+        build_encoder("vit", (1, 8, 8), 4, seed=0)

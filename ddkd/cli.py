@@ -80,13 +80,13 @@ def cmd_teach(args: argparse.Namespace) -> int:
 
     recipe = recipe_path(args.recipe or DEFAULT_TEACH_RECIPE)
     values = stage_values(recipe, "teach")
-    values = merge(values, parse_overrides(args.set or []))
-    flags = _teach_flags(args)
     recipe_data = values.get("data", {})
     if args.dataset is not None and args.dataset != recipe_data.get("dataset", "fashion-mnist"):
-        # A recipe's subset was sized for its own dataset: another --dataset starts whole.
+        # A recipe's subset was sized for its own dataset: another --dataset starts whole
+        # (unless --set data.subset or --subset says otherwise).
         recipe_data.pop("subset", None)
-    config = build_config(TeachConfig, merge(values, flags))
+    values = merge(values, parse_overrides(args.set or []))
+    config = build_config(TeachConfig, merge(values, _teach_flags(args)))
     device = resolve_device(args.device)
     seed_everything(config.seed)
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in config.data.dataset)
@@ -94,7 +94,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info("recipe %s, device %s, run directory %s", recipe, device, out)
     logging.getLogger(__name__).debug("resolved configuration:\n%s", to_json(config))
     summary = run_teach(config, out, device, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress, command=sys.argv)
+                        progress=not args.no_progress, command=sys.argv, recipe=str(recipe))
     _print_teach_summary(summary)
     return 0
 
@@ -104,18 +104,21 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.synth.runner import run_synthesize
 
-    recipe = recipe_path(args.recipe or DEFAULT_TEACH_RECIPE)
-    values = merge(stage_values(recipe, "synthesize"), parse_overrides(args.set or []))
+    recipe = recipe_path(args.recipe) if args.recipe else _run_recipe(args.run)
+    values = stage_values(recipe, "synthesize") if recipe is not None else {}
     flags = {name: getattr(args, name) for name in (
         "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
         "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "seed",
     ) if getattr(args, name) is not None}
     if args.zca:
         flags["zca"] = True
-    if {"ipc", "size", "fraction"} & set(flags):
-        for name in ("ipc", "size", "fraction"):  # a size on the command line replaces the recipe's
+    overrides = parse_overrides(args.set or [])
+    if {"ipc", "size", "fraction"} & (set(flags) | set(overrides)):
+        for name in ("ipc", "size", "fraction"):  # a size given now replaces the recipe's
             values.pop(name, None)
-    config = build_config(SynthConfig, merge(values, flags))
+    config = build_config(SynthConfig, merge(merge(values, overrides), flags))
+    logging.getLogger(__name__).info(
+        "synthesize settings from %s", recipe if recipe else "MKDT's defaults (no recipe)")
     device = resolve_device(args.device)
     seed_everything(config.seed)
     summary = run_synthesize(config, args.run, args.out, device, resume=args.resume,
@@ -171,6 +174,21 @@ def _csv(value: str | None, kind=str) -> list:
         return [kind(v.strip()) for v in value.split(",") if v.strip()]
     except ValueError as err:
         raise ConfigError(f"{value!r} is not a comma-separated list of {kind.__name__}") from err
+
+
+def _run_recipe(run: str) -> Path | None:
+    """The recipe a teach run was made with, if it has a [synthesize] table and still exists:
+    the defaults of synthesize follow the scenario of the run (CPU default or paper scale)."""
+    import json
+
+    env = Path(run) / "environment.json"
+    try:
+        recipe = json.loads(env.read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None  # a missing or damaged run is reported by synthesize itself
+    if recipe and Path(recipe).is_file() and stage_values(Path(recipe), "synthesize"):
+        return Path(recipe)
+    return None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -289,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--out", help="output file (default: synth_sets/DATASET_ipcK_seedS.h5)")
     syn.add_argument("--resume", action="store_true", help="continue an interrupted run")
     syn.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    syn.add_argument("--recipe", help=f"recipe with a [synthesize] table (default: "
-                     f"{DEFAULT_TEACH_RECIPE})")
+    syn.add_argument("--recipe", help="recipe with a [synthesize] table (default: the one "
+                     "the run was made with, e.g. fashion-mnist for the CPU default; MKDT's "
+                     "values when it has none)")
     syn.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override any setting, e.g. --set checkpoint_minutes=1")
     syn.add_argument("--no-progress", action="store_true", help="no progress bar")

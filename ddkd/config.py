@@ -82,6 +82,8 @@ class TeacherConfig:
             raise ConfigError(f"teacher.arch {self.arch!r}; valid: resnet10, resnet18, resnet34")
         for name in ("base_width", "epochs", "batch_size", "lr", "proj_dim", "knn_k"):
             _positive(f"teacher.{name}", getattr(self, name))
+        if self.weight_decay < 0:
+            raise ConfigError(f"teacher.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,12 @@ class ExpertConfig:
         _positive("--expert-epochs", self.epochs)
         _positive("experts.lr", self.lr)
         _positive("experts.batch_size", self.batch_size)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"experts.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"experts.weight_decay must be >= 0, got {self.weight_decay}")
         if self.objective != "mse":
-            raise ConfigError(f"--objective {self.objective!r} is unknown; valid: mse")
+            raise ConfigError(f"experts.objective {self.objective!r} is unknown; valid: mse")
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
 

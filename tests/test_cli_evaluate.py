@@ -40,6 +40,7 @@ def test_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
     assert "| method | arch |" in printed and "no pre-training" in printed
     results = json.loads((out / "results.json").read_text())
     assert len(results["rows"]) == 4 * 2 * 2  # methods x seeds x fractions
+    assert {r["arch"] for r in results["rows"] if "teacher" in r["method"]} == {"teacher"}
     assert {r["labels"] for r in results["rows"]} == {4, 20}  # 2 classes x 20 images
     assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])
     assert (out / "results.csv").read_text().startswith("method,")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_imagefolder
 from ddkd.cli import main
 from ddkd.io.experts import ExpertsFile
 from ddkd.io.run import load_targets
@@ -37,7 +38,7 @@ def test_teach_end_to_end_writes_a_complete_run(tiny_folder, tmp_path, capsys):
     for name in ("config.json", "environment.json", "teacher.h5", "targets.h5", "experts.h5",
                  "metrics.jsonl", "summary.json"):
         assert (out / name).is_file(), name
-    assert not (out / "experts.partial").exists()
+    assert not (out / "experts.partial").exists() and not (out / "checkpoints").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["stage"] == "teach" and config["config"]["experts"]["num_experts"] == 2
     env = json.loads((out / "environment.json").read_text())
@@ -157,13 +158,11 @@ def test_teacher_from_a_factory(tiny_folder, tmp_path, monkeypatch):
 # --- bad input: one clear line, exit code 2, nothing written ------------------------------------
 
 
-def _fails(capsys, argv, match, out=None):
+def _fails(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddkd teach: error:") and len(err.splitlines()) == 1, err
     assert match in err, err
-    if out is not None:
-        assert not out.exists() or out.is_dir() and (out / "summary.json").exists() is False
 
 
 @pytest.mark.parametrize(
@@ -177,6 +176,8 @@ def _fails(capsys, argv, match, out=None):
         (["--set", "experts.lr=1e9"], "KD loss became"),
         (["--set", "experts.bogus=1"], "unknown setting 'experts.bogus'"),
         (["--teacher-checkpoint", "x.pt"], "cannot be combined with --train-teacher"),
+        (["--set", "student.depth=4"], "student.depth 4 halves 8x8 images to nothing"),
+        (["--set", "experts.momentum=-1"], "experts.momentum must be in [0, 1)"),
     ],
 )
 def test_bad_input(tiny_folder, tmp_path, capsys, extra, match):
@@ -215,6 +216,13 @@ def test_existing_run_and_changed_resume(tiny_folder, tmp_path, capsys):
     _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(out),
                     *TINY, "--resume", "--seed", "4"], "seed: run has 3, now 4")
     assert teach(tiny_folder, out, "--overwrite") == 0
+    # A resume whose inputs changed (other images under the same name) is refused.
+    interrupted = tmp_path / "interrupted"
+    assert teach(tiny_folder, interrupted) == 0
+    (interrupted / "summary.json").unlink()
+    write_imagefolder(tiny_folder, seed=5)
+    _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out",
+                    str(interrupted), *TINY, "--resume"], "the inputs differ from those of the run")
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "precious.txt").write_text("keep me")

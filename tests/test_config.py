@@ -5,6 +5,7 @@ import pytest
 from ddkd.cli import RECIPES, stage_values
 from ddkd.config import (
     ExpertConfig,
+    SynthConfig,
     TeachConfig,
     build_config,
     load_recipe,
@@ -54,6 +55,9 @@ def test_unknown_ssl_and_dataset_list_valid_ones():
 def test_every_shipped_recipe_parses(recipe: Path):
     config = build_config(TeachConfig, stage_values(recipe, "teach"))
     assert isinstance(config, TeachConfig)
+    synth = stage_values(recipe, "synthesize")
+    if synth:
+        assert isinstance(build_config(SynthConfig, synth), SynthConfig)
 
 
 def test_recipe_then_set_then_flags(tmp_path):

@@ -243,7 +243,12 @@ def _load_foolbox_samples(name: str, split: str) -> ImageTensors:
 def _read_image(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable image: {err}") from err
+    with img:
         if img.mode in ("1", "L", "LA", "I", "I;16"):  # grey stays one channel
             array = np.asarray(img.convert("L"), dtype=np.uint8)[:, :, None]
         else:

@@ -50,6 +50,14 @@ class Method:
     space: Normalization  # how downstream images are mapped into the encoder's input space
     zca: object | None = None
     fixed_encoder: torch.nn.Module | None = None  # the teacher: used as is
+    subset_size: int | None = None  # a random subset of images/targets, drawn per seed
+
+    def data(self, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.subset_size is None or self.images is None:
+            return self.images, self.targets
+        gen = make_generator(seed, _STREAM_RANDOM_SUBSET)
+        idx = torch.randperm(len(self.images), generator=gen)[: self.subset_size]
+        return self.images[idx], self.targets[idx]
 
 
 def _set_method(path: str, synth: SynthSet) -> Method:
@@ -57,7 +65,7 @@ def _set_method(path: str, synth: SynthSet) -> Method:
     return Method(Path(path).stem, synth.images, synth.targets, synth.lr, space, synth.zca)
 
 
-def _baselines(names: list[str], run_dir: str | None, size: int, shape, seed: int) -> list[Method]:
+def _baselines(names: list[str], run_dir: str | None, size: int, shape) -> list[Method]:
     if not names:
         return []
     if run_dir is None:
@@ -77,10 +85,8 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape, seed: in
             if size > len(x_all):
                 raise ConfigError(f"the random baseline needs {size} images; the run has "
                                   f"{len(x_all)}")
-            idx = torch.randperm(len(x_all), generator=make_generator(
-                seed, _STREAM_RANDOM_SUBSET))[:size]
-            methods.append(Method(f"random subset + KD (n={size})", x_all[idx],
-                                  opened.targets[idx], 0.1, space))
+            methods.append(Method(f"random subset + KD (n={size})", x_all, opened.targets,
+                                  0.1, space, subset_size=size))
         elif name == "full":
             methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, opened.targets,
                                   0.1, space))
@@ -156,7 +162,7 @@ def run_evaluate(
     if size is None and "random" in baselines:
         raise ConfigError("the random baseline takes its size from a set: give one")
     methods = [_set_method(p, s) for p, s in loaded]
-    methods += _baselines(baselines, run_dir, size or 0, shape, seed=0)
+    methods += _baselines(baselines, run_dir, size or 0, shape)
     if downstream is None:
         source = loaded[0][1].provenance.get("source_dataset") if loaded else \
             open_run(run_dir).teach_config["data"]["dataset"]
@@ -168,7 +174,10 @@ def run_evaluate(
     student = loaded[0][1].provenance.get("student") if loaded else None
 
     rows = []
-    jobs = [(m, a, s) for m in methods for a in archs for s in range(seeds)]
+    # The teacher is one fixed network: one row, whatever --arch says (seeds vary the labels).
+    jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in methods
+            for a in (archs[:1] if m.fixed_encoder is not None else archs)
+            for s in range(seeds)]
     bar = tqdm(jobs, desc="evaluate", unit="encoder", leave=False,
                disable=not (progress and sys.stderr.isatty()))
     for method, arch, seed in bar:
@@ -212,12 +221,13 @@ def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
              device: torch.device):
     if method.fixed_encoder is not None:
         return method.fixed_encoder.to(device), None
-    out_dim = method.targets.shape[1] if method.targets is not None else 1
+    images, targets = method.data(seed)
+    out_dim = targets.shape[1] if targets is not None else 1
     encoder = build_encoder(arch, shape, out_dim, seed, student).to(device)
-    if method.images is None:
+    if images is None:
         return encoder.eval(), None
-    losses = pretrain(encoder, method.images.to(device), method.targets.to(device), method.lr,
-                      seed, epochs=epochs)
+    losses = pretrain(encoder, images.to(device), targets.to(device), method.lr, seed,
+                      epochs=epochs)
     return encoder, losses[-1]
 
 

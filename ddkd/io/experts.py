@@ -8,7 +8,8 @@ Format ``ddkd-experts``, version 1 (readable with h5py alone)::
     /experts/<k:04d>    (epochs + 1, n_params) snapshots of expert k: row 0 is the
                         initialisation, row e the parameters after epoch e. Chunked one row per
                         chunk, so reading snapshot e of expert k reads only that row.
-                        attrs: seed (its derived stream), losses (per-epoch mean KD loss)
+                        attrs: seed (the run's seed; expert k's init and data order come from
+                        the sub-streams (seed, k)), losses (per-epoch mean KD loss)
 
 The on-disk dtype is float32 by default: trajectory matching starts from and aims at these
 snapshots and divides by ||theta_t - theta_{t+M}||^2, a difference between nearby snapshots; in

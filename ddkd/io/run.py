@@ -82,6 +82,8 @@ def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite
     but only if it is a ddkd run directory). ``--resume`` requires the same configuration.
     """
     run = RunDir(Path(root))
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"--out {run.root} is a file, not a directory")
     record = {"stage": "teach", "config": config_dict}
     exists = run.root.exists() and any(run.root.iterdir())
     if resume:
@@ -193,14 +195,21 @@ def open_run(root: str | Path) -> OpenedRun:
                           f"{run.root}`")
     missing = [p.name for p in (run.config, run.environment, run.teacher, run.targets,
                                 run.experts, run.summary) if not p.is_file()]
+    if missing == ["experts.h5"] and run.summary.is_file():
+        raise ConfigError(f"--run {run.root} recorded no experts (experts.num_experts = 0, e.g. "
+                          "a teacher-only run): make a run with experts to distil from")
     if missing:
         raise ConfigError(f"--run {run.root} is incomplete (missing {', '.join(missing)}); "
                           "finish it with `ddkd teach --out DIR --resume`")
-    record = json.loads(run.config.read_text())
+    try:
+        record = json.loads(run.config.read_text())
+        env = json.loads(run.environment.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--run {run.root}: config.json or environment.json is damaged "
+                          f"({err})") from err
     if record.get("stage") != "teach":
         raise ConfigError(f"--run {run.root} is not a ddkd teach run")
     config = record["config"]
-    env = json.loads(run.environment.read_text())
     targets, indices, meta = load_targets(run.targets)
     data = config["data"]
     train = load_dataset(data["dataset"], "train", data.get("data_root")).subset(indices)

@@ -176,12 +176,15 @@ def load_synthset(path: str | Path) -> SynthSet:
                 init_indices=torch.from_numpy(fh["init_indices"][()]),
                 objective_state={k: torch.from_numpy(v[()]) for k, v in fh["objective"].items()},
                 history={k: np.asarray(v[()]) for k, v in fh["history"].items()},
-                zca=ZCA(**{k: torch.from_numpy(v[()]) for k, v in fh["zca"].items()},
+                zca=ZCA(**{k: torch.from_numpy(fh["zca"][k][()])
+                           for k in ("mean", "matrix", "inverse")},
                         eps=float(fh["zca"].attrs["eps"])) if "zca" in fh else None,
             )
         except KeyError as err:
             missing = [k for k in ("images", "targets", "init_indices", "normalization/mean",
-                                   "normalization/std", "objective", "history") if k not in fh]
+                                   "normalization/std", "objective", "history", "zca/mean",
+                                   "zca/matrix", "zca/inverse") if k not in fh
+                       and (not k.startswith("zca/") or "zca" in fh)]
             missing += [a for a in ("lr", "objective", "provenance", "config")
                         if a not in fh.attrs]
             raise FileFormatError(f"{path} lacks the field {(missing or [str(err)])[0]!r} of "

@@ -70,4 +70,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict, 
             meta = json.loads(fh.attrs["meta"])
     except OSError as err:
         raise FileFormatError(f"{path} is not a readable HDF5 file: {err}") from err
+    except (KeyError, ValueError) as err:
+        raise FileFormatError(f"{path} is a damaged {FORMAT} file (missing or invalid "
+                              f"{err})") from err
     return state, kind, config, meta

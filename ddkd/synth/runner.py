@@ -109,6 +109,17 @@ class _State:
         self.opt_alpha.load_state_dict(state["opt_alpha"])
 
 
+def _clone(obj):
+    """A deep copy of a state dict (tensors cloned), cheap next to one matching iteration."""
+    if torch.is_tensor(obj):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj
+
+
 def run_synthesize(
     config: SynthConfig,
     run_dir: str | Path,
@@ -133,12 +144,14 @@ def run_synthesize(
 def _synthesize(config, opened, experts, out, device, resume, overwrite, progress, command,
                 t_start) -> dict:
     header = experts.header
-    if config.max_start_epoch + config.expert_epochs > header.epochs:
+    # The start epoch t is drawn from {0, ..., T+ - 1} and the target is t + M.
+    last_needed = config.max_start_epoch - 1 + config.expert_epochs
+    if last_needed > header.epochs:
         raise ConfigError(
-            f"--max-start-epoch {config.max_start_epoch} + --expert-epochs "
-            f"{config.expert_epochs} = {config.max_start_epoch + config.expert_epochs} goes "
-            f"beyond the recorded trajectories ({header.epochs} epochs in "
-            f"{opened.run.experts}); lower them or record longer experts"
+            f"--max-start-epoch {config.max_start_epoch} with --expert-epochs "
+            f"{config.expert_epochs} needs snapshots up to epoch {last_needed}, beyond the "
+            f"recorded trajectories ({header.epochs} epochs in {opened.run.experts}); lower "
+            "them or record longer experts"
         )
     num_train = opened.images.shape[0]
     n = config.num_images(opened.num_classes, num_train)
@@ -155,7 +168,8 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
                           "ConvNet it describes (written by another ddkd version?)")
     partial = out.with_name(out.name + ".partial")
     ckpt = partial / "checkpoint.pt"
-    record = {"synthesize": to_dict(config), "run": str(opened.run.root.resolve()), "size": n}
+    record = {"synthesize": to_dict(config), "run": str(opened.run.root.resolve()), "size": n,
+              "experts_checksum": sha256_file(opened.run.experts)}
     if out.exists() and not overwrite:
         raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
     if resume:
@@ -203,6 +217,10 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     dsa = DSA(config.seed) if config.augment == "dsa" else None
     bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+    def save_checkpoint(state_dict: dict, iteration: int) -> None:
+        with atomic_path(ckpt) as tmp:
+            torch.save({"state": state_dict, "iteration": iteration}, tmp)
+
     last_ckpt = time.time()
     for it in range(start, config.iterations):
         segment = sample_segment(experts, config, n, it, device)
@@ -211,20 +229,25 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
                      augment=augment)
         loss = float(mg.loss)
-        if not math.isfinite(loss):
+        finite = math.isfinite(loss) and all(
+            bool(torch.isfinite(g).all()) for g in (mg.grad_x, mg.grad_y, mg.grad_alpha))
+        before = _clone(state.state_dict())
+        problem = None
+        if not finite:
+            problem = f"the matching loss or its gradient became non-finite (loss {loss})"
+        else:
+            state.step(mg.grad_x, mg.grad_y, mg.grad_alpha)
+            alpha = float(state.alpha)
+            if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
+                what = "exploded" if not alpha < alpha0 else "collapsed"
+                problem = (f"the step size {what} to {alpha:.4g} (from {alpha0}, allowed within "
+                           f"a factor {config.max_lr_factor:g})")
+        if problem is not None:
+            save_checkpoint(before, it)  # the last good state, for inspection or --resume
             raise TrainingError(
-                f"the matching loss became {loss} at iteration {it + 1}; the last good "
-                f"checkpoint is kept in {partial} (continue with --resume after lowering "
-                f"--lr-img or --lr-lr)"
-            )
-        state.step(mg.grad_x, mg.grad_y, mg.grad_alpha)
-        alpha = float(state.alpha)
-        if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
-            what = "exploded" if not alpha < alpha0 else "collapsed"
-            raise TrainingError(
-                f"the step size {what} to {alpha:.4g} (from {alpha0}, allowed within a factor "
-                f"{config.max_lr_factor:g}) at iteration {it + 1}; lower --lr-lr (now "
-                f"{config.lr_lr:g}); the last good checkpoint is kept in {partial}"
+                f"{problem} at iteration {it + 1}; the last good state (after iteration {it}) "
+                f"is kept in {partial}; start again with a lower --lr-img / --lr-lr (now "
+                f"{config.lr_img:g} / {config.lr_lr:g}) and --overwrite"
             )
         append_jsonl(partial / "metrics.jsonl", {"iteration": it + 1, "loss": loss,
                                                   "lr": alpha, "expert": segment.expert,
@@ -232,8 +255,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{alpha:.4g}")
         if time.time() - last_ckpt >= 60 * config.checkpoint_minutes:
-            with atomic_path(ckpt) as tmp:
-                torch.save({"state": state.state_dict(), "iteration": it + 1}, tmp)
+            save_checkpoint(state.state_dict(), it + 1)
             last_ckpt = time.time()
     bar.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -60,17 +61,23 @@ def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_d
     c, h, w = image_shape
     if h != w:
         raise ConfigError(f"images are {h}x{w}; the ConvNet student needs square images")
-    return ConvNetConfig(
+    sc = ConvNetConfig(
         in_channels=c, image_size=h, depth=config.student.depth, width=config.student.width,
         norm=config.student.norm, out_dim=out_dim,
     )
+    if sc.feature_dim() < 1:
+        raise ConfigError(f"student.depth {sc.depth} halves {h}x{w} images to nothing; use at "
+                          f"most depth {max(1, h.bit_length() - 1)}")
+    return sc
 
 
 class _Teacher:
     """The resolved teacher before training: module, description, normalisation, source file."""
 
-    def __init__(self, net, arch: dict, meta: dict, normalize: Normalization, file: Path | None):
+    def __init__(self, net, arch: dict, meta: dict, normalize: Normalization, file: Path | None,
+                 dim: int):
         self.net, self.arch, self.meta, self.normalize, self.file = net, arch, meta, normalize, file
+        self.dim = dim  # the teacher's feature dimension = the students' target dimension
 
 
 def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
@@ -84,7 +91,7 @@ def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
             net = ResNet(rc)
-        return _Teacher(net, {"kind": "resnet", **asdict(rc)}, {}, fitted, None)
+        return _Teacher(net, {"kind": "resnet", **asdict(rc)}, {}, fitted, None, rc.feature_dim)
     if tc.source == "shipped":
         path = sources.shipped_teacher_path(config.data.dataset)
         net, arch, meta = sources.load_checkpoint_teacher(str(path), tc, channels, None)
@@ -98,8 +105,8 @@ def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
     if len(normalize.mean) != channels:
         raise ConfigError(f"{where} was trained on {len(normalize.mean)}-channel images, "
                           f"but {train.name} has {channels}")
-    sources.check_teacher_output(net, normalize(train.images[:2]), where)
-    return _Teacher(net, arch, meta, normalize, path)
+    dim = sources.check_teacher_output(net, normalize(train.images[:2]), where)
+    return _Teacher(net, arch, meta, normalize, path, dim)
 
 
 def run_teach(
@@ -110,6 +117,7 @@ def run_teach(
     overwrite: bool = False,
     progress: bool = True,
     command: list[str] | None = None,
+    recipe: str | None = None,
 ) -> dict:
     """Run ``ddkd teach`` into ``out``; returns the summary (also written to summary.json)."""
     t_start = time.time()
@@ -119,12 +127,14 @@ def run_teach(
     indices = select_subset(len(full_train), config.data.subset, config.seed)
     train = full_train.subset(indices)
     teacher = _resolve_teacher(config, train)
+    sc = student_config(config, train.shape, teacher.dim)
     run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
     if run.is_complete():
         log.info("run %s is already complete", run.root)
         return json.loads(run.summary.read_text())
     env = environment_record()
     env["command"] = command
+    env["recipe"] = recipe
     env["inputs"] = {
         "dataset": config.data.dataset,
         "train_checksum": train.checksum(),
@@ -132,6 +142,14 @@ def run_teach(
         "teacher_file": str(teacher.file) if teacher.file else None,
         "teacher_checksum": sha256_file(teacher.file) if teacher.file else None,
     }
+    if resume and run.environment.is_file():
+        before = json.loads(run.environment.read_text()).get("inputs", {})
+        changed = [k for k in ("train_checksum", "test_checksum", "teacher_checksum")
+                   if before.get(k) != env["inputs"][k]]
+        if changed:
+            raise ConfigError(f"--resume: the inputs differ from those of the run in {run.root} "
+                              f"({', '.join(changed)}): the dataset or teacher file changed; "
+                              "start a new run")
     write_json(run.environment, env)
     teacher.net.to(device)
 
@@ -169,6 +187,7 @@ def run_teach(
         kind = teacher.arch["kind"]
         arch_config = {k: v for k, v in teacher.arch.items() if k != "kind"}
         save_weights(run.teacher, teacher.net.state_dict(), kind, arch_config, meta)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # teacher.h5 supersedes them
         teacher.meta = meta
         append_jsonl(run.metrics, {"phase": "knn", **knn})
     knn = teacher.meta["knn"]
@@ -177,7 +196,7 @@ def run_teach(
              100 * knn["teacher"], 100 * knn["random_init"], 100 * knn["raw_pixels"])
 
     # Phase 4: the experts.
-    expert_losses = _record_experts(config, train, z_train, teacher.normalize, zca, run,
+    expert_losses = _record_experts(config, sc, train, z_train, teacher.normalize, zca, run,
                                     device, progress)
     summary = {
         "run": str(run.root),
@@ -255,7 +274,8 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
     }
 
 
-def _record_experts(config: TeachConfig, train: ImageTensors, z_train: torch.Tensor,
+def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
+                    z_train: torch.Tensor,
                     normalize: Normalization, zca: ZCA | None, run: RunDir,
                     device: torch.device, progress: bool) -> list[float]:
     """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses."""
@@ -263,7 +283,6 @@ def _record_experts(config: TeachConfig, train: ImageTensors, z_train: torch.Ten
     if ec.num_experts == 0:
         return []
     if not run.experts.is_file():
-        sc = student_config(config, train.shape, int(z_train.shape[1]))
         x_train = normalize(train.images.to(device))  # (N, C, H, W) float, kept on the device
         if zca is not None:
             x_train = zca(x_train)

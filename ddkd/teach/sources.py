@@ -34,8 +34,8 @@ def shipped_teacher_path(dataset: str) -> Path:
     path = ASSETS / SHIPPED_TEACHERS[dataset]
     if not path.is_file():
         raise DDKDError(
-            f"the shipped teacher {path} is missing from this installation; reinstall ddkd "
-            "or pass --train-teacher"
+            f"the shipped teacher {path} is missing from this installation (a checkout "
+            "without ddkd/assets?): pass --train-teacher, or --teacher-checkpoint FILE"
         )
     return path
 
@@ -55,7 +55,10 @@ def build_from_factory(spec: str) -> nn.Module:
         factory = getattr(module, func_name)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"teacher.factory {spec!r} cannot be imported: {err}") from err
-    net = factory()
+    try:
+        net = factory()
+    except Exception as err:  # noqa: BLE001 (user code: any failure is a bad factory)
+        raise ConfigError(f"teacher.factory {spec!r} raised {type(err).__name__}: {err}") from err
     if not isinstance(net, nn.Module):
         raise ConfigError(f"teacher.factory {spec!r} returned {type(net).__name__}, not a Module")
     return net
@@ -132,7 +135,7 @@ def check_teacher_output(teacher: nn.Module, sample: torch.Tensor, where: str) -
     try:
         with torch.no_grad():
             out = teacher(sample)
-    except RuntimeError as err:
+    except Exception as err:  # noqa: BLE001 (any failure means the teacher does not fit)
         raise ConfigError(
             f"{where} cannot process this dataset's images {tuple(sample.shape[1:])}: "
             f"{str(err).splitlines()[0]}"

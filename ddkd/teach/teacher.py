@@ -200,7 +200,8 @@ def recalibrate_batchnorm(
     teacher is then used in eval mode on clean images. Short trainings are the extreme case:
     after a few steps the running variance is still ~1 and eval-mode features explode through
     the residual stages. A cumulative average over a pass of clean images fixes both. Used for
-    the trained teacher and for the randomly initialised network it is compared with.
+    a teacher ddkd trains (the randomly initialised network of the kNN report is left as
+    initialised: re-estimated statistics make its features score lower still).
     """
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:

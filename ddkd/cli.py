@@ -127,8 +127,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     print(
         f"ddkd synthesize: done in {summary['seconds']:.0f}s -> {summary['out']}\n"
         f"  {summary['images']} images, {summary['iterations']} iterations; matching loss "
-        f"{summary['loss_first']:.4f} (first {summary['window']} iterations) -> "
-        f"{summary['loss_last']:.4f} (last {summary['window']})\n"
+        f"over every (expert, start epoch) with fixed batches: {summary['probe_initial']:.4f} "
+        f"(initial set) -> {summary['probe_final']:.4f} (final set)\n"
+        f"  per-iteration loss {summary['loss_first']:.4f} (mean of the first "
+        f"{summary['window']}) -> {summary['loss_last']:.4f} (last {summary['window']})\n"
         f"  learned step size {summary['lr']:.4g} (started at {summary['lr_init']:.4g})"
     )
     return 0
@@ -151,10 +153,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  made with   init {prov.get('init')}, {prov.get('iterations')} iterations, seed "
         f"{prov.get('seed')}, ddkd {prov.get('environment', {}).get('ddkd')}",
     ]
+    if "matching_loss_initial" in prov:
+        lines.append(f"  matching    {prov['matching_loss_initial']:.4f} (initial set) -> "
+                     f"{prov['matching_loss_final']:.4f} (final set), every expert and start "
+                     "epoch, fixed batches")
     if "loss" in synth.history and len(synth.history["loss"]):
         loss = synth.history["loss"]
         w = max(1, len(loss) // 10)
-        lines.append(f"  matching    loss {loss[:w].mean():.4f} (first {w}) -> "
+        lines.append(f"  iterations  loss {loss[:w].mean():.4f} (first {w}) -> "
                      f"{loss[-w:].mean():.4f} (last {w})")
     png = Path(args.png) if args.png else Path(args.file).with_suffix(".png")
     from torchvision.utils import save_image

@@ -34,9 +34,11 @@ from ddkd.synth.init import high_loss_indices, random_indices
 from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and tests)
     MetaGradient,
     Segment,
+    matching_loss,
     meta_gradient,
     meta_gradient_constant_memory,
     sample_batches,
+    unroll,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,30 @@ def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iterat
         theta_target=experts.snapshot(k, t + config.expert_epochs).to(device),
         batches=tuple(b.to(device) for b in batches),
     )
+
+
+_STREAM_PROBE = 42
+
+
+def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, x: torch.Tensor,
+                        y: torch.Tensor, alpha: float, device: torch.device) -> float:
+    """Mean matching loss over every (expert, start epoch) pair with fixed batches.
+
+    The per-iteration loss mixes segments of very different difficulty; this fixed probe, run
+    on the initial and on the final set, shows what the optimisation achieved.
+    """
+    losses = []
+    for k in range(len(experts)):
+        for t in range(config.max_start_epoch):
+            gen = make_generator(config.seed, _STREAM_PROBE, k, t)
+            batches = sample_batches(len(x), config.syn_steps, config.batch_syn, gen)
+            theta_start = experts.snapshot(k, t).to(device)
+            theta_target = experts.snapshot(k, t + config.expert_epochs).to(device)
+            theta = unroll(model, spec, theta_start, x.detach(), y.detach(),
+                           torch.tensor(alpha, device=device, dtype=x.dtype),
+                           [b.to(device) for b in batches], create_graph=False)
+            losses.append(float(matching_loss(theta.detach(), theta_start, theta_target)))
+    return sum(losses) / len(losses)
 
 
 class _State:
@@ -207,6 +233,8 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     alpha0 = config.lr_init if config.lr_init is not None else header.experts_config["lr"]
     state = _State(x_real[init.to(device)], z_real[init.to(device)], alpha0, config)
     del x_real, z_real
+    initial_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y, alpha0,
+                                        device)
     start = 0
     if resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=True)
@@ -259,6 +287,8 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             last_ckpt = time.time()
     bar.close()
 
+    final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
+                                      float(state.alpha), device)
     history = {}
     for row in read_jsonl(partial / "metrics.jsonl"):  # later rows win after a resume
         if row["iteration"] <= config.iterations:
@@ -278,6 +308,8 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         "student": asdict(student),
         "init": config.init,
         "iterations": config.iterations,
+        "matching_loss_initial": initial_probe,
+        "matching_loss_final": final_probe,
         "seed": config.seed,
         "teach_config": opened.teach_config,
         "environment": {**environment_record(), "command": command},
@@ -303,6 +335,8 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         "iterations": config.iterations,
         "loss_first": sum(losses[:window]) / window,
         "loss_last": sum(losses[-window:]) / window,
+        "probe_initial": initial_probe,
+        "probe_final": final_probe,
         "window": window,
         "lr": float(state.alpha),
         "lr_init": alpha0,

@@ -58,6 +58,16 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         fh.write(header + array.astype(np.uint8).tobytes())
 
 
+# `ddkd teach` flags that train a tiny teacher and tiny experts on 8x8 images in seconds.
+TINY_TEACH = [
+    "--train-teacher", "--teacher-epochs", "1", "--experts", "2", "--expert-epochs", "2",
+    "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
+    "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
+    "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
+    "--seed", "3", "--no-progress",
+]
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return write_imagefolder(tmp_path / "tiny")

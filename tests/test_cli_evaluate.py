@@ -5,16 +5,9 @@ import json
 
 import pytest
 
+from conftest import TINY_TEACH as TEACH
 from conftest import write_imagefolder
 from ddkd.cli import main
-
-TEACH = [
-    "--train-teacher", "--teacher-epochs", "1", "--experts", "2", "--expert-epochs", "2",
-    "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
-    "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
-    "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
-    "--seed", "3", "--no-progress",
-]
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,11 @@ import sys
 import pytest
 import torch
 
+from conftest import TINY_TEACH as TEACH
 from conftest import write_imagefolder
 from ddkd.cli import main
 from ddkd.io.synthset import load_synthset
 
-TEACH = [
-    "--train-teacher", "--teacher-epochs", "1", "--experts", "2", "--expert-epochs", "2",
-    "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
-    "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
-    "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
-    "--seed", "3", "--no-progress",
-]
 SYN_BASE = ["--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
        "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
 SYN = ["--ipc", "2", *SYN_BASE]

@@ -9,20 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_TEACH as TINY
 from conftest import write_imagefolder
 from ddkd.cli import main
 from ddkd.io.experts import ExpertsFile
 from ddkd.io.run import load_targets
 from ddkd.io.weights import load_weights
 from ddkd.models import ResNet, ResNetConfig
-
-TINY = [
-    "--train-teacher", "--teacher-epochs", "1", "--experts", "2", "--expert-epochs", "2",
-    "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
-    "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
-    "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
-    "--seed", "3", "--no-progress",
-]
 
 
 def teach(folder, out, *extra):

@@ -68,7 +68,7 @@ class TeacherConfig:
     knn_k: int = 20
 
     def __post_init__(self) -> None:
-        from ddkd.teach.teacher import SSL_METHODS
+        from ddkd.ssl_training import SSL_METHODS
 
         if self.source not in ("shipped", "train", "checkpoint"):
             raise ConfigError(

@@ -67,9 +67,10 @@ def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
     assert teach(tiny_folder, straight, "--teacher-epochs", "2") == 0
 
     # Interrupt once in the middle of teacher training, once between two experts.
-    from ddkd.teach import runner, teacher
+    from ddkd import ssl_training
+    from ddkd.teach import runner
 
-    original_epoch = teacher.TeacherTrainer.train_epoch
+    original_epoch = ssl_training.SSLTrainer.train_epoch
     calls = {"epochs": 0, "experts": 0}
 
     def interrupted_epoch(self, *args, **kwargs):
@@ -78,11 +79,11 @@ def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original_epoch(self, *args, **kwargs)
 
-    monkeypatch.setattr(teacher.TeacherTrainer, "train_epoch", interrupted_epoch)
+    monkeypatch.setattr(ssl_training.SSLTrainer, "train_epoch", interrupted_epoch)
     resumed = tmp_path / "resumed"
     assert teach(tiny_folder, resumed, "--teacher-epochs", "2") == 130
     assert not (resumed / "teacher.h5").exists() and not (resumed / "summary.json").exists()
-    monkeypatch.setattr(teacher.TeacherTrainer, "train_epoch", original_epoch)
+    monkeypatch.setattr(ssl_training.SSLTrainer, "train_epoch", original_epoch)
 
     original_expert = runner.train_expert
 

@@ -3,11 +3,11 @@ import torch
 
 from ddkd.data import Normalization
 from ddkd.models import ResNet, ResNetConfig
-from ddkd.teach.teacher import (
+from ddkd.ssl_training import (
     SSL_METHODS,
     SSLModel,
     SSLSchedule,
-    TeacherTrainer,
+    SSLTrainer,
     lr_at,
     recalibrate_batchnorm,
 )
@@ -43,7 +43,7 @@ def _trainer(seed=0, epochs=2):
     net = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
     norm = Normalization.fit(images)
-    trainer = TeacherTrainer(net, 32, "barlowtwins", SSLSchedule(epochs, 8, 0.05, 5e-4), norm,
+    trainer = SSLTrainer(net, 32, "barlowtwins", SSLSchedule(epochs, 8, 0.05, 5e-4), norm,
                              (1, 8, 8), torch.device("cpu"), seed, proj_dim=16)
     return trainer, images
 

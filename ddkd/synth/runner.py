@@ -29,8 +29,8 @@ from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.subsets import high_loss_indices, random_indices
 from ddkd.synth.augment import DSA
-from ddkd.synth.init import high_loss_indices, random_indices
 from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and tests)
     MetaGradient,
     Segment,

@@ -32,10 +32,10 @@ from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet
 from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
 from ddkd.teach.experts import init_student, train_expert
 from ddkd.teach.targets import compute_targets
-from ddkd.teach.teacher import SSLSchedule, TeacherTrainer, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def run_teach(
 def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, run: RunDir,
                    device: torch.device, progress: bool) -> None:
     tc = config.teacher
-    trainer = TeacherTrainer(
+    trainer = SSLTrainer(
         teacher.net, teacher.net.config.feature_dim, tc.ssl,
         SSLSchedule(tc.epochs, tc.batch_size, tc.lr, tc.weight_decay),
         teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim,

@@ -1,6 +1,8 @@
-"""The SSL teacher: a CIFAR-stem ResNet trained with one of lightly's SSL objectives.
+"""Self-supervised training of a backbone with one of lightly's SSL objectives.
 
-MKDT (Joshi et al., ICLR 2025) trains a ResNet-18 teacher with Barlow Twins (Zbontar et al.,
+Shared by ``teach`` (the teacher: a CIFAR-stem ResNet) and ``evaluate`` (the "random subset
+trained with SSL" baseline: the student ConvNet). MKDT (Joshi et al., ICLR 2025) trains its
+ResNet-18 teacher with Barlow Twins (Zbontar et al.,
 ICML 2021); SimCLR (Chen et al., ICML 2020), BYOL (Grill et al., NeurIPS 2020) and VICReg
 (Bardes et al., ICLR 2022) are offered as alternatives. Losses and heads are lightly's; the
 augmentations are :func:`ddkd.data.ssl_augmentation` (lightly's parameters, applied batched).
@@ -94,7 +96,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class TeacherTrainer:
+class SSLTrainer:
     """Epoch-resumable SSL training of ``backbone`` on uint8 images.
 
     Every epoch draws its data order and augmentations from a generator derived from

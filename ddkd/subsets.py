@@ -1,4 +1,6 @@
-"""Which real images a synthetic set starts from.
+"""Choosing real subsets: where a synthetic set starts from, and the subset baselines.
+
+Shared by ``synthesize`` (initialisation) and ``evaluate`` (the high-loss and random baselines).
 
 MKDT (Joshi et al., ICLR 2025, section 4.3) initialises with *high-loss* images: for every
 expert take its epoch-1 checkpoint, compute each training image's KD loss, average over the

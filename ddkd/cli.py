@@ -210,7 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         stratified=not args.uniform, progress=not args.no_progress, command=sys.argv,
     )
     print(f"ddkd evaluate: {summary['rows']} probes in {summary['seconds']:.0f}s -> "
-          f"{summary['out']}/results.{{json,csv,md}}\n\n{summary['table']}")
+          f"{summary['out']}/results.{{json,csv,md,png}}\n\n{summary['table']}")
     return 0
 
 
@@ -334,15 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("sets", nargs="*", help="synthetic sets (.h5)")
     ev.add_argument("--run", help="teach run for the baselines (default: the set's own run)")
-    ev.add_argument("--baselines", default="none,random",
-                    help="comma list of none, random, full, teacher")
+    ev.add_argument("--baselines", default="none,random,high-loss,ssl-random,teacher",
+                    help="comma list (or '' for none) of: none (a freshly initialised encoder, "
+                    "no pre-training), random (a random real subset of the set's size with the "
+                    "teacher's targets, drawn per seed), high-loss (MKDT's high-loss subset), "
+                    "ssl-random (the random subset trained with the teacher's SSL objective), "
+                    "full (all the run's images with KD: costly on a CPU, 20 epochs over the "
+                    "run), teacher (the teacher's own features: the ceiling)")
     ev.add_argument("--downstream", help="comma list of datasets (default: the source)")
     ev.add_argument("--data-root", help="folder holding the downstream datasets")
-    ev.add_argument("--fractions", default="0.01,0.05", help="label fractions, comma list")
+    ev.add_argument("--fractions", default="0.001,0.01,0.05,0.1",
+                    help="label fractions, comma list (0.001 = 6 labels per class on "
+                    "Fashion-MNIST, where features matter most)")
     ev.add_argument("--seeds", type=int, default=3, help="seeds per method")
     ev.add_argument("--arch", default="convnet", help="comma list of convnet, resnet10, "
                     "resnet18 (cross-architecture: a ConvNet-distilled set on a ResNet)")
-    ev.add_argument("--probe", default="lbfgs", help="lbfgs (MKDT's linear probe) or knn")
+    ev.add_argument("--probe", default="lbfgs",
+                    help="lbfgs (MKDT's linear probe: full-batch L-BFGS on standardised "
+                    "features, cross-entropy + 1e-3 ||W||^2), sgd (the same objective by "
+                    "mini-batch SGD, 100 epochs: for very large label sets) or knn (weighted "
+                    "20-NN on the labelled features)")
     ev.add_argument("--epochs", type=int, default=20, help="pre-training epochs")
     ev.add_argument("--uniform", action="store_true",
                     help="draw labels uniformly as MKDT did (default: class-stratified)")

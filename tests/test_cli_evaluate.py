@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from conftest import TINY_TEACH as TEACH
 from conftest import write_imagefolder
@@ -26,24 +27,60 @@ def tiny(tmp_path_factory):
 def test_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
     folder, run, synth = tiny
     out = tmp_path / "eval"
-    assert main(["evaluate", str(synth), "--baselines", "none,random,teacher", "--fractions",
-                 "0.1,0.5", "--seeds", "2", "--epochs", "2", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["evaluate", str(synth), "--baselines",
+                 "none,random,high-loss,ssl-random,full,teacher", "--fractions", "0.1,0.5",
+                 "--seeds", "2", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| method | arch |" in printed and "no pre-training" in printed
     results = json.loads((out / "results.json").read_text())
-    assert len(results["rows"]) == 4 * 2 * 2  # methods x seeds x fractions
+    methods = {r["method"] for r in results["rows"]}
+    assert len(methods) == 7
+    assert any(m.startswith("random subset + SSL (") for m in methods)
+    assert len(results["rows"]) == 7 * 2 * 2  # methods x seeds x fractions
     assert {r["arch"] for r in results["rows"] if "teacher" in r["method"]} == {"teacher"}
     assert {r["labels"] for r in results["rows"]} == {4, 20}  # 2 classes x 20 images
     assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])
     assert (out / "results.csv").read_text().startswith("method,")
     assert "teacher (ceiling)" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_high_loss_baseline_is_the_sets_high_loss_start(tiny):
+    # Reused from a set initialised high-loss from the same experts, or recomputed: one subset.
+    from ddkd.eval.runner import _baselines
+    from ddkd.io.run import open_run
+    from ddkd.io.synthset import load_synthset
+
+    _, run, synth = tiny
+    loaded = load_synthset(synth)
+    assert loaded.provenance["init"] == "high-loss"
+    shape = tuple(loaded.images.shape[1:])
+    cpu = torch.device("cpu")
+    (reused,) = _baselines(["high-loss"], str(run), len(loaded), shape, [loaded], cpu)
+    (computed,) = _baselines(["high-loss"], str(run), len(loaded), shape, [], cpu)
+    assert torch.equal(reused.images, computed.images)
+    opened = open_run(run)
+    position = {int(i): p for p, i in enumerate(opened.indices.tolist())}
+    first = [position[int(i)] for i in loaded.init_indices]
+    assert torch.equal(opened.targets[first], reused.targets)
+
+
+def test_sgd_and_knn_probes_run_end_to_end(tiny, tmp_path):
+    _, _, synth = tiny
+    for probe in ("sgd", "knn"):
+        out = tmp_path / probe
+        assert main(["evaluate", str(synth), "--baselines", "", "--fractions", "0.5",
+                     "--seeds", "1", "--epochs", "1", "--probe", probe, "--out", str(out),
+                     "--no-progress"]) == 0
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert [r["probe"] for r in rows] == [probe]
 
 
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--baselines", "magic"], "unknown ['magic']; valid: none, random, full, teacher"),
+        (["--baselines", "magic"],
+         "unknown ['magic']; valid: none, random, high-loss, ssl-random, full, teacher"),
         (["--fractions", "0.01"], "leaves 0.20 labels for class 0"),
         (["--probe", "svm"], "--probe 'svm' is unknown"),
         (["--downstream", "cifar10-samples"], "ddkd does not resize or convert channels"),

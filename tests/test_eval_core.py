@@ -3,21 +3,35 @@ import torch
 
 from ddkd.errors import ConfigError
 from ddkd.eval.labels import label_subset
-from ddkd.eval.probe import linear_probe
+from ddkd.eval.probe import linear_probe, linear_probe_sgd
+
+PROBES = [linear_probe, linear_probe_sgd]
 
 
-def test_probe_separates_linearly_separable_features():
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_separates_linearly_separable_features(probe):
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 16, generator=gen) * 4
     y = torch.arange(400) % 4
     x = centers[y] + torch.randn(400, 16, generator=gen)
-    assert linear_probe(x[:200], y[:200], x[200:], y[200:], 4) > 0.99
+    assert probe(x[:200], y[:200], x[200:], y[200:], 4) > 0.99
 
 
-def test_probe_is_at_chance_on_noise():
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_is_at_chance_on_noise(probe):
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(600, 8, generator=gen), torch.randint(0, 3, (600,), generator=gen)
-    assert linear_probe(x[:300], y[:300], x[300:], y[300:], 3) < 0.45
+    assert probe(x[:300], y[:300], x[300:], y[300:], 3) < 0.45
+
+
+def test_sgd_probe_reaches_the_lbfgs_solution():
+    # The same objective: on overlapping classes both should land on nearly one accuracy.
+    gen = torch.Generator().manual_seed(2)
+    y = torch.arange(1000) % 3
+    x = torch.randn(3, 10, generator=gen)[y] + 1.5 * torch.randn(1000, 10, generator=gen)
+    a = linear_probe(x[:500], y[:500], x[500:], y[500:], 3)
+    b = linear_probe_sgd(x[:500], y[:500], x[500:], y[500:], 3)
+    assert 0.5 < a < 0.99 and abs(a - b) < 0.02
 
 
 def test_stratified_subsets_have_per_class_counts_and_are_fixed_by_seed():

@@ -19,24 +19,31 @@ import torch
 from tqdm import tqdm
 
 from ddkd.data.datasets import ImageTensors, load_dataset
-from ddkd.data.transforms import Normalization
+from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError
 from ddkd.eval.labels import label_subset
+from ddkd.eval.plot import plot_results
 from ddkd.eval.pretrain import ARCHS, build_encoder, pretrain
-from ddkd.eval.probe import linear_probe
+from ddkd.eval.probe import linear_probe, linear_probe_sgd
 from ddkd.io.atomic import write_json, write_text
+from ddkd.io.experts import ExpertsFile
 from ddkd.io.run import open_run
 from ddkd.io.synthset import SynthSet, load_synthset
 from ddkd.io.weights import load_weights
+from ddkd.models.convnet import ConvNet, ConvNetConfig
+from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet, ResNetConfig
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import environment_record, make_generator
+from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
+from ddkd.subsets import high_loss_indices
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("none", "random", "full", "teacher")
-PROBES = ("lbfgs", "knn")
+BASELINES = ("none", "random", "high-loss", "ssl-random", "full", "teacher")
+PROBES = ("lbfgs", "sgd", "knn")
 _STREAM_RANDOM_SUBSET = 90
+_BASELINE_LR = 0.1  # MKDT's learning rate for every baseline trained on real images
 
 
 @dataclass
@@ -51,13 +58,17 @@ class Method:
     zca: object | None = None
     fixed_encoder: torch.nn.Module | None = None  # the teacher: used as is
     subset_size: int | None = None  # a random subset of images/targets, drawn per seed
+    ssl: str | None = None  # train with this SSL objective on uint8 ``images`` (no targets)
+    proj_dim: int = 1024  # the SSL projection head's width
 
     def data(self, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.subset_size is None or self.images is None:
             return self.images, self.targets
+        # One stream for every random-subset method: "random + KD" and "random + SSL" of a
+        # seed see the same images, so the two rows differ only in the objective.
         gen = make_generator(seed, _STREAM_RANDOM_SUBSET)
         idx = torch.randperm(len(self.images), generator=gen)[: self.subset_size]
-        return self.images[idx], self.targets[idx]
+        return self.images[idx], None if self.targets is None else self.targets[idx]
 
 
 def _set_method(path: str, synth: SynthSet) -> Method:
@@ -65,7 +76,8 @@ def _set_method(path: str, synth: SynthSet) -> Method:
     return Method(Path(path).stem, synth.images, synth.targets, synth.lr, space, synth.zca)
 
 
-def _baselines(names: list[str], run_dir: str | None, size: int, shape) -> list[Method]:
+def _baselines(names: list[str], run_dir: str | None, size: int, shape,
+               sets: list[SynthSet], device: torch.device) -> list[Method]:
     if not names:
         return []
     if run_dir is None:
@@ -77,19 +89,34 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape) -> list[
         raise ConfigError(f"--run {run_dir} holds {tuple(opened.images.shape[1:])} images but "
                           f"the sets are {tuple(shape)}")
     x_all = space(opened.images)
+    zca = None
+    if opened.zca is not None:  # the run's targets and experts live in whitened space
+        zca = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))
+        x_all = zca(x_all)
+    if {"random", "high-loss", "ssl-random"} & set(names) and size > len(x_all):
+        raise ConfigError(f"the subset baselines need {size} images (the set's size); the run "
+                          f"{run_dir} has {len(x_all)}")
     methods = []
     for name in names:
         if name == "none":
             methods.append(Method("no pre-training", None, None, 0.0, space))
         elif name == "random":
-            if size > len(x_all):
-                raise ConfigError(f"the random baseline needs {size} images; the run has "
-                                  f"{len(x_all)}")
             methods.append(Method(f"random subset + KD (n={size})", x_all, opened.targets,
-                                  0.1, space, subset_size=size))
+                                  _BASELINE_LR, space, zca, subset_size=size))
+        elif name == "high-loss":
+            idx = _high_loss_subset(opened, x_all, size, sets, device)
+            methods.append(Method(f"high-loss subset + KD (n={size})", x_all[idx],
+                                  opened.targets[idx], _BASELINE_LR, space, zca))
+        elif name == "ssl-random":
+            _, _, _, meta = load_weights(opened.run.teacher)
+            # The teacher's own SSL objective where it is recorded; MKDT's otherwise.
+            method = meta.get("ssl") or "barlowtwins"
+            methods.append(Method(f"random subset + SSL ({method}, n={size})", opened.images,
+                                  None, _BASELINE_LR, space, subset_size=size, ssl=method,
+                                  proj_dim=int(opened.teach_config["teacher"]["proj_dim"])))
         elif name == "full":
             methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, opened.targets,
-                                  0.1, space))
+                                  _BASELINE_LR, space, zca))
         elif name == "teacher":
             state, kind, arch, _ = load_weights(opened.run.teacher)
             if kind != "resnet":
@@ -100,6 +127,29 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape) -> list[
             methods.append(Method("teacher (ceiling)", None, None, 0.0, space,
                                   fixed_encoder=teacher.eval()))
     return methods
+
+
+def _high_loss_subset(opened, x_all: torch.Tensor, size: int, sets: list[SynthSet],
+                      device: torch.device) -> torch.Tensor:
+    """MKDT's high-loss selection (``ddkd.subsets``) over the run's images -> positions.
+
+    A set initialised high-loss from the same experts already holds exactly this subset (its
+    ``init_indices``): it is reused rather than recomputed.
+    """
+    experts_sum = sha256_file(opened.run.experts)
+    position = {int(i): p for p, i in enumerate(opened.indices.tolist())}
+    for synth in sets:
+        prov = synth.provenance
+        if (prov.get("init") == "high-loss" and prov.get("experts_checksum") == experts_sum
+                and synth.init_indices is not None and len(synth.init_indices) == size):
+            return torch.tensor([position[int(i)] for i in synth.init_indices.tolist()])
+    with ExpertsFile(opened.run.experts) as experts:
+        student = ConvNet(ConvNetConfig(**experts.header.student)).to(device)
+        spec: ParamSpec = experts.header.param_spec
+        snapshots = [experts.snapshot(k, 1) for k in range(len(experts))]
+    log.info("selecting the %d highest-loss images of %s", size, opened.run.root)
+    return high_loss_indices(student, spec, snapshots, x_all.to(device),
+                             opened.targets.to(device), size)
 
 
 def _downstream(name: str, data_root: str | None, shape) -> tuple[ImageTensors, ImageTensors]:
@@ -162,15 +212,20 @@ def run_evaluate(
     if size is None and "random" in baselines:
         raise ConfigError("the random baseline takes its size from a set: give one")
     methods = [_set_method(p, s) for p, s in loaded]
-    methods += _baselines(baselines, run_dir, size or 0, shape)
+    methods += _baselines(baselines, run_dir, size or 0, shape, [s for _, s in loaded], device)
     if downstream is None:
         source = loaded[0][1].provenance.get("source_dataset") if loaded else \
             open_run(run_dir).teach_config["data"]["dataset"]
         downstream = [source]
     tasks = {name: _downstream(name, data_root, shape) for name in downstream}
-    for train, _ in tasks.values():  # refuse impossible fractions before any training
-        for f in fractions:
-            label_subset(train.labels, f, 0, train.num_classes, stratified)
+    # The labelled subsets (refusing impossible fractions before any training). Only the
+    # labelled training images are ever probed, so only their features are computed.
+    labelled = {(task, f, seed): label_subset(train.labels, f, seed, train.num_classes,
+                                              stratified)
+                for task, (train, _) in tasks.items() for f in fractions
+                for seed in range(seeds)}
+    needed = {task: torch.unique(torch.cat([idx for (t, _, _), idx in labelled.items()
+                                            if t == task])) for task in tasks}
     student = loaded[0][1].provenance.get("student") if loaded else None
 
     rows = []
@@ -187,16 +242,19 @@ def run_evaluate(
             def to_space(images, method=method):
                 x = method.space(images.to(device))
                 return method.zca(x) if method.zca is not None else x
-            f_train = _features(encoder, train.images, to_space, device)
+            f_needed = _features(encoder, train.images[needed[task]], to_space, device)
             f_test = _features(encoder, test.images, to_space, device)
             for fraction in fractions:
-                idx = label_subset(train.labels, fraction, seed, train.num_classes, stratified)
+                idx = labelled[(task, fraction, seed)]
+                f_train = f_needed[torch.searchsorted(needed[task], idx)]
+                y_train = train.labels[idx]
                 if probe == "lbfgs":
-                    acc = linear_probe(f_train[idx], train.labels[idx], f_test, test.labels,
-                                       train.num_classes)
+                    acc = linear_probe(f_train, y_train, f_test, test.labels, train.num_classes)
+                elif probe == "sgd":
+                    acc = linear_probe_sgd(f_train, y_train, f_test, test.labels,
+                                           train.num_classes, seed=seed)
                 else:
-                    acc = knn_accuracy(f_train[idx], train.labels[idx], f_test, test.labels,
-                                       train.num_classes)
+                    acc = knn_accuracy(f_train, y_train, f_test, test.labels, train.num_classes)
                 rows.append({"method": method.name, "arch": arch, "seed": seed,
                              "downstream": task, "fraction": fraction, "labels": len(idx),
                              "accuracy": acc, "probe": probe, "lr": method.lr,
@@ -213,6 +271,7 @@ def run_evaluate(
                                                       "command": command}})
     _write_csv(out / "results.csv", rows)
     write_text(out / "results.md", table + "\n")
+    plot_results(rows, out / "results.png", title=f"{probe} probe, {seeds} seed(s)")
     return {"out": str(out), "table": table, "seconds": round(time.time() - t0, 1),
             "rows": len(rows)}
 
@@ -226,9 +285,29 @@ def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
     encoder = build_encoder(arch, shape, out_dim, seed, student).to(device)
     if images is None:
         return encoder.eval(), None
+    if method.ssl is not None:
+        return _pretrain_ssl(encoder, method, images, seed, shape, epochs, device)
     losses = pretrain(encoder, images.to(device), targets.to(device), method.lr, seed,
                       epochs=epochs)
     return encoder, losses[-1]
+
+
+def _pretrain_ssl(encoder, method: Method, images: torch.Tensor, seed: int, shape,
+                  epochs: int, device: torch.device):
+    """The "random subset trained with SSL" baseline: the encoder's features trained with the
+    SSL objective (lightly's loss and head, ``ddkd.ssl``) under the same schedule as the KD
+    rows (batch 256, ``epochs`` epochs, lr 0.1, weight decay 1e-4); the head is dropped."""
+    backbone = _Features(encoder)
+    with torch.no_grad():
+        feature_dim = backbone.eval()(torch.zeros(2, *shape, device=device)).shape[1]
+    schedule = SSLSchedule(epochs=epochs, batch_size=256, lr=_BASELINE_LR, weight_decay=1e-4)
+    trainer = SSLTrainer(backbone, feature_dim, method.ssl, schedule, method.space, shape,
+                         device, seed, proj_dim=method.proj_dim)
+    loss = None
+    for _ in range(epochs):
+        loss = trainer.train_epoch(images)
+    recalibrate_batchnorm(encoder, images, method.space, device)
+    return encoder.eval(), loss
 
 
 class _Features(torch.nn.Module):

@@ -1,0 +1,61 @@
+"""The evaluation plot: probe accuracy against label fraction, one line per method.
+
+One panel per (downstream task, architecture); each point is the mean over seeds with the
+standard deviation as an error bar; the x axis is logarithmic (label fractions span 0.1% to
+10% and more). The teacher is one fixed network, not an architecture: it is drawn dashed in
+every panel of its task, as the ceiling. A method keeps its colour in every panel.
+matplotlib is imported here only, with the file-only ``Agg`` backend.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ddkd.io.atomic import atomic_path
+
+
+def plot_results(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Write a PNG of ``rows`` (as in results.json: method, arch, downstream, fraction,
+    accuracy) to ``path``, atomically."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["downstream"], r["arch"]) for r in rows
+                                if r["arch"] != "teacher"))
+    if not panels:  # only the teacher was evaluated
+        panels = list(dict.fromkeys((r["downstream"], r["arch"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    width = 5.0 * len(panels) + 3.6  # the legend sits to the right of the panels
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2), squeeze=False)
+    for ax, (task, arch) in zip(axes[0], panels, strict=False):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and r["downstream"] == task
+                    and r["arch"] in (arch, "teacher")]
+            fractions = sorted({r["fraction"] for r in mine})
+            if not fractions:
+                continue
+            accs = [[100 * r["accuracy"] for r in mine if r["fraction"] == f] for f in fractions]
+            means = [statistics.mean(a) for a in accs]
+            stds = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
+            fixed = mine[0]["arch"] == "teacher"
+            ax.errorbar([100 * f for f in fractions], means, yerr=stds, marker="o", ms=4,
+                        capsize=3, label=method, color="black" if fixed else colours[method],
+                        linestyle="--" if fixed else "-")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("labelled fraction of the training set (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{task}, {arch}" + (f" ({title})" if title else ""), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 3.5 / width, 1))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -68,6 +68,8 @@ def _teach_flags(args: argparse.Namespace) -> dict:
         flags["experts"]["num_experts"] = args.experts
     if args.expert_epochs is not None:
         flags["experts"]["epochs"] = args.expert_epochs
+    if args.experts_per_batch is not None:
+        flags["experts"]["per_batch"] = args.experts_per_batch
     if args.seed is not None:
         flags["seed"] = args.seed
     return {k: v for k, v in flags.items() if v != {}}
@@ -266,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "teacher.factory=package.module:function)")
     teach.add_argument("--experts", type=int, help="number of expert students K (paper: 100)")
     teach.add_argument("--expert-epochs", type=int, help="epochs per expert (paper: 20)")
+    teach.add_argument("--experts-per-batch", type=int,
+                       help="students trained at once by one batched (vmap) forward; the "
+                       "trajectories equal those of one-by-one training to float tolerance. "
+                       "Default (0): 8 on a GPU, 1 on the CPU, where batching does not pay "
+                       "(see bench/)")
     teach.add_argument("--seed", type=int, help="seed of everything random in the run")
     teach.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     teach.add_argument("--out", help="run directory (default: runs/teach-DATASET-seedS)")

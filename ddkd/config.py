@@ -116,10 +116,16 @@ class ExpertConfig:
     batch_size: int = 256
     objective: str = "mse"
     dtype: str = "float32"  # on-disk dtype of the snapshots: float32 | float16
+    # Students trained at once, batched (0 = the device's default; see teach/experts.py).
+    # The trajectories do not depend on it beyond float tolerance.
+    per_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
             raise ConfigError(f"--experts must be >= 0, got {self.num_experts}")
+        if self.per_batch < 0:
+            raise ConfigError(f"--experts-per-batch must be >= 0 (0: the device's default), "
+                              f"got {self.per_batch}")
         _positive("--expert-epochs", self.epochs)
         _positive("experts.lr", self.lr)
         _positive("experts.batch_size", self.batch_size)

@@ -62,6 +62,19 @@ def _experts(path):
         return [experts.trajectory(k) for k in range(len(experts))]
 
 
+def test_experts_per_batch_gives_the_same_experts(tiny_folder, tmp_path):
+    teach(tiny_folder, tmp_path / "one")
+    assert teach(tiny_folder, tmp_path / "grouped", "--experts", "3",
+                 "--experts-per-batch", "2") == 0
+    one, grouped = _experts(tmp_path / "one" / "experts.h5"), \
+        _experts(tmp_path / "grouped" / "experts.h5")
+    assert len(grouped) == 3  # a group of two, then one alone
+    for a, b in zip(one, grouped[:2], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    config = json.loads((tmp_path / "grouped" / "config.json").read_text())
+    assert config["config"]["experts"]["per_batch"] == 2
+
+
 def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     assert teach(tiny_folder, straight, "--teacher-epochs", "2") == 0
@@ -85,7 +98,7 @@ def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
     assert not (resumed / "teacher.h5").exists() and not (resumed / "summary.json").exists()
     monkeypatch.setattr(ssl_training.SSLTrainer, "train_epoch", original_epoch)
 
-    original_expert = runner.train_expert
+    original_expert = runner.train_experts
 
     def interrupted_expert(*args, **kwargs):
         calls["experts"] += 1
@@ -93,11 +106,11 @@ def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original_expert(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_expert", interrupted_expert)
+    monkeypatch.setattr(runner, "train_experts", interrupted_expert)
     assert teach(tiny_folder, resumed, "--teacher-epochs", "2", "--resume") == 130
     assert (resumed / "teacher.h5").exists() and not (resumed / "experts.h5").exists()
     assert len(list((resumed / "experts.partial").glob("expert_*.h5"))) == 1
-    monkeypatch.setattr(runner, "train_expert", original_expert)
+    monkeypatch.setattr(runner, "train_experts", original_expert)
     assert teach(tiny_folder, resumed, "--teacher-epochs", "2", "--resume") == 0
 
     a, _, _, _ = load_weights(straight / "teacher.h5")
@@ -172,6 +185,8 @@ def _fails(capsys, argv, match):
         (["--teacher-checkpoint", "x.pt"], "cannot be combined with --train-teacher"),
         (["--set", "student.depth=4"], "student.depth 4 halves 8x8 images to nothing"),
         (["--set", "experts.momentum=-1"], "experts.momentum must be in [0, 1)"),
+        (["--experts-per-batch", "-1"], "--experts-per-batch must be >= 0"),
+        (["--set", "experts.lr=1e9", "--experts-per-batch", "2"], "KD loss became"),
     ],
 )
 def test_bad_input(tiny_folder, tmp_path, capsys, extra, match):

@@ -8,7 +8,7 @@ from ddkd.errors import FileFormatError, TrainingError
 from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
 from ddkd.models import ConvNetConfig
 from ddkd.models.functional import ParamSpec
-from ddkd.teach.experts import init_student, train_expert
+from ddkd.teach.experts import init_student, train_expert, train_experts
 
 CFG = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=8, out_dim=4)
 
@@ -28,6 +28,24 @@ def test_expert_learns_and_records_every_epoch():
     assert trajectory.shape == (5, n_params) and trajectory.dtype == torch.float32
     assert losses[-1] < losses[0]
     assert not torch.equal(trajectory[0], trajectory[1])
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "none"])
+def test_batched_experts_equal_one_by_one(norm):
+    # Each student of a group keeps its own init and data order; the last batch is partial.
+    cfg = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=8, out_dim=4, norm=norm)
+    x, z = _data(n=44)
+    ec = ExpertConfig(num_experts=3, epochs=3, batch_size=8, lr=0.05)
+    alone = [train_expert(cfg, ec, x, z, seed=2, k=k) for k in (0, 2, 1)]
+    seen = []
+    group = train_experts(cfg, ec, x, z, seed=2, ks=[0, 2, 1],
+                          on_epoch=lambda e, losses: seen.append((e, len(losses))))
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    for (a, loss_a), (b, loss_b) in zip(alone, group, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert np.allclose(loss_a, loss_b, rtol=1e-4)
+    assert not torch.allclose(group[0][0][-1], group[1][0][-1])  # distinct students
 
 
 def test_experts_are_reproducible_and_independent():

@@ -5,15 +5,23 @@ initialisations, each trained to regress the teacher's representations with
 ``MSE(student(x), target(x))`` (mean over batch and dimensions), SGD lr 0.1, momentum 0.9,
 weight decay 1e-4, batch 256, 20 epochs, no augmentation, constant learning rate. The flat
 parameter vector is saved at initialisation and after every epoch.
+
+:func:`train_experts` trains a group of students at once in one process: their parameters are
+stacked (``torch.func.stack_module_state``) and one ``vmap``-ed forward serves all of them, each
+on its own batch (every student keeps its own initialisation and data order). The summed loss
+has each student's gradient on its own slice, and SGD is elementwise, so a group gives the
+trajectories of training its members one by one, to float tolerance.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
 
 from ddkd.config import ExpertConfig
 from ddkd.errors import TrainingError
@@ -89,3 +97,78 @@ def train_expert(
         if on_epoch is not None:
             on_epoch(epoch, mean_loss)
     return torch.stack(snapshots), losses
+
+
+def default_experts_per_batch(device: torch.device) -> int:
+    """Students per group when ``experts.per_batch`` is 0: batched on a GPU, where one small
+    ConvNet leaves it mostly idle; one at a time on the CPU, where a single student already
+    keeps the cores busy (measured by ``bench/``)."""
+    return 8 if device.type == "cuda" else 1
+
+
+def train_experts(
+    config: ConvNetConfig,
+    experts: ExpertConfig,
+    x_train: torch.Tensor,
+    z_train: torch.Tensor,
+    seed: int,
+    ks: list[int],
+    on_epoch: Callable[[int, list[float]], None] | None = None,
+) -> list[tuple[torch.Tensor, list[float]]]:
+    """Train students ``ks`` together (see the module docstring); for each, what
+    :func:`train_expert` returns for it: ``(epochs + 1, P)`` snapshots and per-epoch losses.
+
+    ``on_epoch`` is called with ``(epoch, [mean loss of each student])``.
+    """
+    if len(ks) == 1:
+        single = None if on_epoch is None else (lambda e, loss: on_epoch(e, [loss]))
+        return [train_expert(config, experts, x_train, z_train, seed, ks[0], single)]
+    device = x_train.device
+    students = [init_student(config, seed, k).to(device) for k in ks]
+    params, buffers = stack_module_state(students)  # {name: (G, ...)} leaves
+    names = [name for name, _ in students[0].named_parameters()]
+    template = copy.deepcopy(students[0]).to("meta")
+    del students
+
+    def loss_of_one(p, b, x, z):  # one student: (b, C, H, W), (b, D) -> ()
+        return F.mse_loss(functional_call(template, (p, b), (x,)), z)
+
+    loss_of_group = vmap(loss_of_one)  # (G, b, C, H, W), (G, b, D) -> (G,)
+    optimizer = torch.optim.SGD(
+        [params[name] for name in names],
+        lr=experts.lr,
+        momentum=experts.momentum,
+        weight_decay=experts.weight_decay,
+    )
+    order_gens = [make_generator(seed, _STREAM_ORDER, k) for k in ks]
+    n = x_train.shape[0]
+
+    def snapshot() -> list[torch.Tensor]:
+        flat = torch.cat([params[name].detach().flatten(1) for name in names], dim=1).cpu()
+        return list(flat)  # G x (P,)
+
+    snapshots = [[theta] for theta in snapshot()]
+    losses: list[list[float]] = [[] for _ in ks]
+    for epoch in range(experts.epochs):
+        orders = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)
+        total = torch.zeros(len(ks), device=device)
+        for start in range(0, n, experts.batch_size):  # every student has the same batch sizes
+            idx = orders[:, start : start + experts.batch_size]  # (G, b)
+            group_loss = loss_of_group(params, buffers, x_train[idx], z_train[idx])  # (G,)
+            optimizer.zero_grad(set_to_none=True)
+            group_loss.sum().backward()
+            optimizer.step()
+            total += group_loss.detach() * idx.shape[1]
+        means = (total / n).tolist()
+        for g, (k, mean_loss) in enumerate(zip(ks, means, strict=True)):
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"expert {k}: KD loss became {mean_loss} in epoch {epoch + 1}; lower "
+                    f"--set experts.lr (now {experts.lr}) or check the targets for NaN"
+                )
+            losses[g].append(mean_loss)
+        for g, theta in enumerate(snapshot()):
+            snapshots[g].append(theta)
+        if on_epoch is not None:
+            on_epoch(epoch, means)
+    return [(torch.stack(snapshots[g]), losses[g]) for g in range(len(ks))]

@@ -34,7 +34,7 @@ from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
-from ddkd.teach.experts import init_student, train_expert
+from ddkd.teach.experts import default_experts_per_batch, init_student, train_experts
 from ddkd.teach.targets import compute_targets
 
 log = logging.getLogger(__name__)
@@ -288,21 +288,25 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
             x_train = zca(x_train)
         z_dev = z_train.to(device)
         run.expert_shards.mkdir(exist_ok=True)
-        bar = _bar(ec.num_experts * ec.epochs, "experts", "epoch", progress)
-        for k in range(ec.num_experts):
-            shard = run.expert_shards / f"expert_{k:04d}.h5"
-            if shard.is_file():
-                bar.update(ec.epochs)
-                continue
+        shards = [run.expert_shards / f"expert_{k:04d}.h5" for k in range(ec.num_experts)]
+        todo = [k for k in range(ec.num_experts) if not shards[k].is_file()]
+        per_batch = ec.per_batch or default_experts_per_batch(device)
+        log.info("training %d experts, %d at a time", len(todo), per_batch)
+        bar = _bar(len(todo) * ec.epochs, "experts", "epoch", progress)
+        for first in range(0, len(todo), per_batch):
+            group = todo[first : first + per_batch]
 
-            def on_epoch(epoch: int, loss: float, k: int = k) -> None:
-                bar.update(1)
-                bar.set_postfix(expert=k, loss=f"{loss:.4g}")
-                append_jsonl(run.metrics, {"phase": "expert", "expert": k, "epoch": epoch + 1,
-                                           "loss": loss})
+            def on_epoch(epoch: int, losses: list[float], group: list[int] = group) -> None:
+                bar.update(len(group))
+                bar.set_postfix(experts=f"{group[0]}-{group[-1]}", loss=f"{max(losses):.4g}")
+                for k, loss in zip(group, losses, strict=True):
+                    append_jsonl(run.metrics, {"phase": "expert", "expert": k,
+                                               "epoch": epoch + 1, "loss": loss})
 
-            trajectory, losses = train_expert(sc, ec, x_train, z_dev, config.seed, k, on_epoch)
-            write_expert_shard(shard, trajectory, losses, seed=config.seed, dtype=ec.dtype)
+            results = train_experts(sc, ec, x_train, z_dev, config.seed, group, on_epoch)
+            for k, (trajectory, losses) in zip(group, results, strict=True):
+                write_expert_shard(shards[k], trajectory, losses, seed=config.seed,
+                                   dtype=ec.dtype)
         bar.close()
         spec = ParamSpec.of(init_student(sc, config.seed, 0))
         header = ExpertsHeader(

@@ -205,7 +205,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     summary = run_evaluate(
-        sets=args.sets, run_dir=args.run, baselines=_csv(args.baselines),
+        sets=args.sets, run_dir=args.run,
+        baselines=None if args.baselines is None else _csv(args.baselines),
         downstream=_csv(args.downstream) or None, fractions=_csv(args.fractions, float),
         seeds=args.seeds, archs=_csv(args.arch), probe=args.probe, out=args.out,
         device=device, data_root=args.data_root, epochs=args.epochs,
@@ -341,13 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("sets", nargs="*", help="synthetic sets (.h5)")
     ev.add_argument("--run", help="teach run for the baselines (default: the set's own run)")
-    ev.add_argument("--baselines", default="none,random,high-loss,ssl-random,teacher",
+    ev.add_argument("--baselines",
                     help="comma list (or '' for none) of: none (a freshly initialised encoder, "
                     "no pre-training), random (a random real subset of the set's size with the "
                     "teacher's targets, drawn per seed), high-loss (MKDT's high-loss subset), "
                     "ssl-random (the random subset trained with the teacher's SSL objective), "
                     "full (all the run's images with KD: costly on a CPU, 20 epochs over the "
-                    "run), teacher (the teacher's own features: the ceiling)")
+                    "run), teacher (the teacher's own features: the ceiling). Default: all but "
+                    "full; only none when the set's teach run is not available (a shared set)")
     ev.add_argument("--downstream", help="comma list of datasets (default: the source)")
     ev.add_argument("--data-root", help="folder holding the downstream datasets")
     ev.add_argument("--fractions", default="0.001,0.01,0.05,0.1",

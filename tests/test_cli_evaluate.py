@@ -96,3 +96,23 @@ def test_bad_input(tiny, tmp_path, capsys, extra, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddkd evaluate: error:") and match in err, err
+
+
+def test_a_shared_set_without_its_run_is_compared_with_no_pre_training(tiny, tmp_path, capsys,
+                                                                         caplog):
+    folder, _, _ = tiny
+    run, synth = tmp_path / "run", tmp_path / "set.h5"
+    assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run), *TEACH]) == 0
+    assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "1",
+                 "--iterations", "1", "--syn-steps", "1", "--expert-epochs", "1",
+                 "--max-start-epoch", "1", "--no-progress"]) == 0
+    run.rename(tmp_path / "elsewhere")  # as on another machine: the set's run is not there
+    capsys.readouterr()
+    common = [str(synth), "--fractions", "0.5", "--seeds", "1", "--epochs", "1",
+              "--no-progress", "--out", str(tmp_path / "e")]
+    assert main(["evaluate", *common]) == 0
+    assert "comparing with no pre-training only; pass --run" in caplog.text
+    rows = json.loads((tmp_path / "e" / "results.json").read_text())["rows"]
+    assert sorted({r["method"] for r in rows}) == ["no pre-training", "set"]
+    assert main(["evaluate", *common, "--baselines", "none,random"]) == 2
+    assert "the baselines random need the teach run" in capsys.readouterr().err

@@ -41,6 +41,7 @@ from ddkd.subsets import high_loss_indices
 log = logging.getLogger(__name__)
 
 BASELINES = ("none", "random", "high-loss", "ssl-random", "full", "teacher")
+DEFAULT_BASELINES = ("none", "random", "high-loss", "ssl-random", "teacher")
 PROBES = ("lbfgs", "sgd", "knn")
 _STREAM_RANDOM_SUBSET = 90
 _BASELINE_LR = 0.1  # MKDT's learning rate for every baseline trained on real images
@@ -78,11 +79,14 @@ def _set_method(path: str, synth: SynthSet) -> Method:
 
 def _baselines(names: list[str], run_dir: str | None, size: int, shape,
                sets: list[SynthSet], device: torch.device) -> list[Method]:
+    if names == ["none"] and sets:  # needs no run: a fresh encoder in the set's input space
+        return [Method("no pre-training", None, None, 0.0, _set_method("", sets[0]).space)]
     if not names:
         return []
     if run_dir is None:
-        raise ConfigError("baselines need the teach run: pass --run RUN_DIR (or evaluate a set "
-                          "whose provenance names an existing run)")
+        raise ConfigError(f"the baselines {','.join(n for n in names if n != 'none')} need the "
+                          "teach run: pass --run RUN_DIR (or evaluate a set whose provenance "
+                          "names an existing run)")
     opened = open_run(run_dir)
     space = Normalization(tuple(opened.normalization["mean"]), tuple(opened.normalization["std"]))
     if tuple(opened.images.shape[1:]) != tuple(shape):
@@ -167,7 +171,7 @@ def _downstream(name: str, data_root: str | None, shape) -> tuple[ImageTensors, 
 def run_evaluate(
     sets: list[str],
     run_dir: str | None,
-    baselines: list[str],
+    baselines: list[str] | None,
     downstream: list[str] | None,
     fractions: list[float],
     seeds: int,
@@ -183,7 +187,7 @@ def run_evaluate(
 ) -> dict:
     """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md} into ``out``."""
     t0 = time.time()
-    unknown = [b for b in baselines if b not in BASELINES]
+    unknown = [b for b in baselines or [] if b not in BASELINES]
     if unknown:
         raise ConfigError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
     if probe not in PROBES:
@@ -203,6 +207,13 @@ def run_evaluate(
     if run_dir is None and loaded:
         candidate = loaded[0][1].provenance.get("run")
         run_dir = candidate if candidate and Path(candidate).is_dir() else None
+    if baselines is None:  # the default: every baseline but the costly full-data one
+        baselines = list(DEFAULT_BASELINES)
+        if run_dir is None and loaded:
+            log.warning("the teach run of %s is not here (%s): comparing with no pre-training "
+                        "only; pass --run RUN_DIR for the other baselines", loaded[0][0],
+                        loaded[0][1].provenance.get("run"))
+            baselines = ["none"]
     shape = shapes.pop() if shapes else None
     if shape is None:
         if run_dir is None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed), then run the main job end to end on the embedded default (Fashion-MNIST):
-# ddkd teach -> ddkd synthesize --ipc 10 -> ddkd inspect, into runs/demo/. Re-running resumes.
+# ddkd teach -> ddkd synthesize --ipc 10 -> ddkd inspect -> ddkd evaluate, into runs/demo/.
+# Re-running resumes: finished stages are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -19,3 +20,4 @@ if [ ! -f "$set_file" ]; then
   $ddkd synthesize --run "$out" --ipc 10 --out "$set_file" $resume
 fi
 $ddkd inspect "$set_file"
+$ddkd evaluate "$set_file" --out "$out/eval"

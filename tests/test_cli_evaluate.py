@@ -116,3 +116,18 @@ def test_a_shared_set_without_its_run_is_compared_with_no_pre_training(tiny, tmp
     assert sorted({r["method"] for r in rows}) == ["no pre-training", "set"]
     assert main(["evaluate", *common, "--baselines", "none,random"]) == 2
     assert "the baselines random need the teach run" in capsys.readouterr().err
+
+
+def test_rows_do_not_depend_on_the_global_rng(tiny, tmp_path):
+    # Every random choice (encoder init, SSL head, subsets, order) comes from the seed.
+    _, _, synth = tiny
+    accuracies = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        out = tmp_path / str(global_seed)
+        assert main(["evaluate", str(synth), "--baselines", "random,ssl-random",
+                     "--fractions", "0.5", "--seeds", "1", "--epochs", "2", "--probe", "knn",
+                     "--out", str(out), "--no-progress"]) == 0
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        accuracies.append([(r["method"], r["accuracy"], r["pretrain_final_loss"]) for r in rows])
+    assert accuracies[0] == accuracies[1]

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 BASELINES = ("none", "random", "high-loss", "ssl-random", "full", "teacher")
 DEFAULT_BASELINES = ("none", "random", "high-loss", "ssl-random", "teacher")
 PROBES = ("lbfgs", "sgd", "knn")
-_STREAM_RANDOM_SUBSET = 90
+_STREAM_RANDOM_SUBSET, _STREAM_SSL_HEAD = 90, 91
 _BASELINE_LR = 0.1  # MKDT's learning rate for every baseline trained on real images
 
 
@@ -312,8 +312,13 @@ def _pretrain_ssl(encoder, method: Method, images: torch.Tensor, seed: int, shap
     with torch.no_grad():
         feature_dim = backbone.eval()(torch.zeros(2, *shape, device=device)).shape[1]
     schedule = SSLSchedule(epochs=epochs, batch_size=256, lr=_BASELINE_LR, weight_decay=1e-4)
-    trainer = SSLTrainer(backbone, feature_dim, method.ssl, schedule, method.space, shape,
-                         device, seed, proj_dim=method.proj_dim)
+    # The projection head is initialised from the global RNG: fix it by the seed, or the row
+    # would depend on what ran before it in the process.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        head_gen = make_generator(seed, _STREAM_SSL_HEAD)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=head_gen)))
+        trainer = SSLTrainer(backbone, feature_dim, method.ssl, schedule, method.space, shape,
+                             device, seed, proj_dim=method.proj_dim)
     loss = None
     for _ in range(epochs):
         loss = trainer.train_epoch(images)

@@ -1,0 +1,118 @@
+"""The KD objectives: documented properties of each target transform, and their losses."""
+
+import pytest
+import torch
+
+from ddkd.errors import ConfigError
+from ddkd.objectives import OBJECTIVES, build_objective
+from ddkd.objectives.kdep import pts
+
+D = 16
+
+
+def _features(n=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # anisotropic, off-centre, clustered: like real features, unlike white noise
+    centres = torch.randn(5, D, generator=gen) * 3
+    z = centres[torch.arange(n) % 5] + torch.randn(n, D, generator=gen) * torch.linspace(2, .1, D)
+    return z + 4.0
+
+
+def _fitted(name):
+    obj = build_objective(name, D)
+    obj.fit(_features(), torch.Generator().manual_seed(1))
+    return obj
+
+
+def test_unknown_objective_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="objective 'kl' is unknown; valid: mse, kdep, tcs, ssld"):
+        build_objective("kl", D)
+
+
+def test_kdep_targets_are_centred_rotated_and_squashed():
+    obj = _fitted("kdep")
+    z = _features()
+    u = obj.rotate(z)
+    assert u.mean(0).abs().max() < 1e-3  # centred
+    cov = u.T @ u / len(u)
+    off_diagonal = cov - torch.diag(torch.diag(cov))
+    assert off_diagonal.abs().max() < 1e-3 * cov.diag().max()  # principal axes: decorrelated
+    assert torch.all(cov.diag()[:-1] >= cov.diag()[1:] - 1e-4)  # by decreasing variance
+    torch.testing.assert_close(obj.directions.T @ obj.directions, torch.eye(D), atol=1e-5,
+                               rtol=0)  # a rotation
+    t = obj.targets(z)
+    assert abs(t.pow(2).mean().sqrt().item() - 1) < 1e-3  # recalibrated T: unit RMS
+
+
+def test_pts_is_odd_and_monotone():
+    u = torch.linspace(-5, 5, 101)
+    v = pts(u, 0.1)
+    torch.testing.assert_close(pts(-u, 0.1), -v)
+    assert torch.all(v[1:] > v[:-1])
+
+
+def test_tcs_hash_bits_are_balanced_on_the_fitting_data():
+    obj = _fitted("tcs")
+    bits = obj.hash_logits(_features()) > 0
+    assert bits.shape[1] == 32 * D
+    share = bits.float().mean(0)
+    assert share.min() >= 0.49 and share.max() <= 0.51
+    assert 1 <= obj.student_dim < D  # 95% of the variance needs fewer than D directions
+
+
+def test_ssld_targets_are_informative_distributions():
+    obj = _fitted("ssld")
+    p = torch.softmax(obj.targets(_features()), dim=1)
+    torch.testing.assert_close(p.sum(1), torch.ones(len(p)))
+    uniform = torch.log(torch.tensor(float(p.shape[1])))
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1).mean()
+    assert entropy < 0.8 * uniform  # far from uniform at tau = 0.1
+    assert torch.allclose(obj.anchors.norm(dim=1), torch.ones(len(obj.anchors)))
+
+
+def _perfect_output(obj, z):
+    """What a perfect student outputs: the coordinates/features the target encodes."""
+    if obj.name == "kdep":
+        return obj.targets(z)
+    if obj.name == "tcs":
+        return (z - obj.mean) @ obj.basis  # exact when f_t lies in the kept subspace
+    return z
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_loss_is_minimal_at_a_perfect_student_and_decreases_under_training(name):
+    obj = _fitted(name)
+    z = _features(64, seed=3)
+    if name == "tcs":  # put the targets inside the coordinate system, where f_hat can reach
+        z = obj.reconstruct((z - obj.mean) @ obj.basis)
+    target = obj.targets(z)
+    perfect = _perfect_output(obj, z)
+    floor = obj.loss(perfect, target)
+    if name == "tcs":  # the hash term has no zero: its floor is the teacher's own value
+        bits = (obj.hash_logits(z) > 0).float()
+        own = torch.nn.functional.binary_cross_entropy_with_logits(obj.hash_logits(z), bits)
+        torch.testing.assert_close(floor, obj.beta * own)
+    else:
+        assert floor.abs() < 1e-5
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 8, generator=gen)
+    head = torch.nn.Linear(8, obj.student_dim)
+    opt = torch.optim.SGD(head.parameters(), lr=0.05)
+    losses = []
+    for _ in range(20):
+        loss = obj.loss(head(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and losses[-1] > floor.item() - 1e-6
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_fitted_state_round_trips(name):
+    obj = _fitted(name)
+    again = build_objective(name, D)
+    again.load_state_dict(obj.state_dict())
+    z = _features(32, seed=5)
+    assert torch.equal(again.targets(z), obj.targets(z))
+    assert again.student_dim == obj.student_dim

@@ -68,6 +68,8 @@ def _teach_flags(args: argparse.Namespace) -> dict:
         flags["experts"]["num_experts"] = args.experts
     if args.expert_epochs is not None:
         flags["experts"]["epochs"] = args.expert_epochs
+    if args.objective is not None:
+        flags["experts"]["objective"] = args.objective
     if args.experts_per_batch is not None:
         flags["experts"]["per_batch"] = args.experts_per_batch
     if args.seed is not None:
@@ -269,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "teacher.factory=package.module:function)")
     teach.add_argument("--experts", type=int, help="number of expert students K (paper: 100)")
     teach.add_argument("--expert-epochs", type=int, help="epochs per expert (paper: 20)")
+    teach.add_argument("--objective",
+                       help="the students' KD objective: mse (MKDT, default), kdep (He et al. "
+                       "2022: SVD-aligned, power-temperature-scaled targets, pre-ReLU student), "
+                       "tcs (Zhou et al. 2024: PCA coordinates + direction hashing), ssld "
+                       "(Cui et al. 2021: symmetric KL over cosine similarities to anchors)")
     teach.add_argument("--experts-per-batch", type=int,
                        help="students trained at once by one batched (vmap) forward; the "
                        "trajectories equal those of one-by-one training to float tolerance. "

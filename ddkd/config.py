@@ -119,10 +119,12 @@ class ExpertConfig:
     # Students trained at once, batched (0 = the device's default; see teach/experts.py).
     # The trajectories do not depend on it beyond float tolerance.
     per_batch: int = 0
+    anchors: int = 100  # ssld: k-means anchors of the teacher features (~10 x the classes)
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
             raise ConfigError(f"--experts must be >= 0, got {self.num_experts}")
+        _positive("experts.anchors", self.anchors)
         if self.per_batch < 0:
             raise ConfigError(f"--experts-per-batch must be >= 0 (0: the device's default), "
                               f"got {self.per_batch}")
@@ -133,8 +135,11 @@ class ExpertConfig:
             raise ConfigError(f"experts.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"experts.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.objective != "mse":
-            raise ConfigError(f"experts.objective {self.objective!r} is unknown; valid: mse")
+        from ddkd.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {self.objective!r} is unknown; valid: "
+                              f"{', '.join(OBJECTIVES)}")
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
 

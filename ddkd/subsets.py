@@ -25,12 +25,16 @@ def per_example_kd_loss(
     x: torch.Tensor,
     z: torch.Tensor,
     batch_size: int = 1024,
+    per_example_loss=None,
 ) -> torch.Tensor:
-    """MSE (mean over dimensions) of each example under parameters ``theta`` -> ``(N,)``."""
+    """The KD loss of each example under parameters ``theta`` -> ``(N,)``: MSE (mean over
+    dimensions, MKDT's) unless ``per_example_loss(output, target) -> (B,)`` says otherwise."""
     out = []
     for start in range(0, x.shape[0], batch_size):
         pred = functional_forward(model, spec, theta, x[start : start + batch_size])
-        out.append((pred - z[start : start + batch_size]).pow(2).mean(dim=1))
+        target = z[start : start + batch_size]
+        out.append(per_example_loss(pred, target) if per_example_loss is not None
+                   else (pred - target).pow(2).mean(dim=1))
     return torch.cat(out)
 
 
@@ -41,13 +45,15 @@ def high_loss_indices(
     x: torch.Tensor,
     z: torch.Tensor,
     n: int,
+    per_example_loss=None,
 ) -> torch.Tensor:
     """Indices of the ``n`` images with the highest KD loss averaged over ``snapshots``
     (the experts' epoch-1 parameters), highest first -> ``(n,)`` int64 on the CPU."""
     total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
     count = 0
     for theta in snapshots:
-        total += per_example_kd_loss(model, spec, theta.to(x.device), x, z).double()
+        total += per_example_kd_loss(model, spec, theta.to(x.device), x, z,
+                                     per_example_loss=per_example_loss).double()
         count += 1
     if count == 0:
         raise ValueError("high-loss initialisation needs at least one expert")

@@ -1,9 +1,16 @@
 """The KD objectives: documented properties of each target transform, and their losses."""
 
+import json
+
 import pytest
 import torch
 
+from conftest import TINY_TEACH
+from ddkd.cli import main
 from ddkd.errors import ConfigError
+from ddkd.io.experts import ExpertsFile
+from ddkd.io.run import load_objective_state
+from ddkd.io.synthset import load_synthset
 from ddkd.objectives import OBJECTIVES, build_objective
 from ddkd.objectives.kdep import pts
 
@@ -116,3 +123,49 @@ def test_fitted_state_round_trips(name):
     z = _features(32, seed=5)
     assert torch.equal(again.targets(z), obj.targets(z))
     assert again.student_dim == obj.student_dim
+
+
+# --- through the stages: teach -> synthesize -> evaluate, for every objective -----------------
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_every_objective_runs_through_the_pipeline(name, tiny_folder, tmp_path):
+    run, synth = tmp_path / "run", tmp_path / "set.h5"
+    # kdep's pre-ReLU student side needs student.width <= the teacher's 32 dimensions
+    assert main(["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(run),
+                 *TINY_TEACH, "--objective", name, "--set", "experts.anchors=6"]) == 0
+    saved_name, state = load_objective_state(run / "targets.h5")
+    assert saved_name == name and (name == "mse") == (state == {})
+    with ExpertsFile(run / "experts.h5") as experts:
+        assert experts.header.objective == name
+        assert experts.header.student["output"] == ("prerelu" if name == "kdep" else "linear")
+    assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "1",
+                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
+                 "--max-start-epoch", "1", "--no-progress"]) == 0
+    loaded = load_synthset(synth)
+    assert loaded.objective == name
+    assert state.keys() == loaded.objective_state.keys()
+    assert all(torch.equal(state[k], loaded.objective_state[k]) for k in state)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(synth), "--baselines", "none,random,high-loss", "--fractions",
+                 "0.5", "--seeds", "1", "--epochs", "2", "--probe", "knn", "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--objective", "kdep", "--set", "student.width=64"],
+         "kdep: the student's pre-ReLU output has at least student.width = 64"),
+        (["--objective", "ssld"], "ssld: experts.anchors = 100 k-means anchors need"),
+        (["--objective", "kl"], "--objective 'kl' is unknown; valid: mse, kdep, tcs, ssld"),
+    ],
+)
+def test_impossible_objective_settings_are_refused(tiny_folder, tmp_path, capsys, extra, match):
+    argv = ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(tmp_path / "r"),
+            *TINY_TEACH, *extra]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

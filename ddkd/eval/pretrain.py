@@ -72,9 +72,12 @@ def pretrain(
     batch_size: int = 256,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
+    loss_fn=None,
 ) -> list[float]:
     """Train ``encoder`` on ``x`` ``(n, C, H, W)`` (model-input space) to regress ``y``
-    ``(n, D)``, in place; returns the mean loss of every epoch."""
+    ``(n, D)``, in place, with ``loss_fn(output, target)`` (the set's KD objective; MSE by
+    default); returns the mean loss of every epoch."""
+    loss_fn = loss_fn or F.mse_loss
     opt = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay)
     gen = make_generator(seed, _STREAM_ORDER)
@@ -88,7 +91,7 @@ def pretrain(
             idx = order[start : start + batch_size]
             if len(idx) == 1 and any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules()):
                 continue  # BatchNorm cannot normalise a batch of one
-            loss = F.mse_loss(encoder(x[idx]), y[idx])
+            loss = loss_fn(encoder(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

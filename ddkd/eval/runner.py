@@ -33,6 +33,7 @@ from ddkd.io.weights import load_weights
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet, ResNetConfig
+from ddkd.objectives import Objective, restore_objective
 from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
@@ -61,6 +62,7 @@ class Method:
     subset_size: int | None = None  # a random subset of images/targets, drawn per seed
     ssl: str | None = None  # train with this SSL objective on uint8 ``images`` (no targets)
     proj_dim: int = 1024  # the SSL projection head's width
+    objective: Objective | None = None  # the KD objective of ``targets`` (None: MSE)
 
     def data(self, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.subset_size is None or self.images is None:
@@ -74,7 +76,10 @@ class Method:
 
 def _set_method(path: str, synth: SynthSet) -> Method:
     space = Normalization(tuple(synth.mean.tolist()), tuple(synth.std.tolist()))
-    return Method(Path(path).stem, synth.images, synth.targets, synth.lr, space, synth.zca)
+    objective = restore_objective(synth.objective, synth.objective_state,
+                                  synth.targets.shape[1])
+    return Method(Path(path).stem, synth.images, synth.targets, synth.lr, space, synth.zca,
+                  objective=objective)
 
 
 def _baselines(names: list[str], run_dir: str | None, size: int, shape,
@@ -93,6 +98,9 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
         raise ConfigError(f"--run {run_dir} holds {tuple(opened.images.shape[1:])} images but "
                           f"the sets are {tuple(shape)}")
     x_all = space(opened.images)
+    objective = restore_objective(opened.objective, opened.objective_state or {},
+                                  opened.targets.shape[1])
+    z_all = objective.targets(opened.targets)  # the objective's target space
     zca = None
     if opened.zca is not None:  # the run's targets and experts live in whitened space
         zca = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))
@@ -105,12 +113,13 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
         if name == "none":
             methods.append(Method("no pre-training", None, None, 0.0, space))
         elif name == "random":
-            methods.append(Method(f"random subset + KD (n={size})", x_all, opened.targets,
-                                  _BASELINE_LR, space, zca, subset_size=size))
+            methods.append(Method(f"random subset + KD (n={size})", x_all, z_all,
+                                  _BASELINE_LR, space, zca, subset_size=size,
+                                  objective=objective))
         elif name == "high-loss":
-            idx = _high_loss_subset(opened, x_all, size, sets, device)
+            idx = _high_loss_subset(opened, x_all, z_all, objective, size, sets, device)
             methods.append(Method(f"high-loss subset + KD (n={size})", x_all[idx],
-                                  opened.targets[idx], _BASELINE_LR, space, zca))
+                                  z_all[idx], _BASELINE_LR, space, zca, objective=objective))
         elif name == "ssl-random":
             _, _, _, meta = load_weights(opened.run.teacher)
             # The teacher's own SSL objective where it is recorded; MKDT's otherwise.
@@ -119,8 +128,8 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
                                   None, _BASELINE_LR, space, subset_size=size, ssl=method,
                                   proj_dim=int(opened.teach_config["teacher"]["proj_dim"])))
         elif name == "full":
-            methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, opened.targets,
-                                  _BASELINE_LR, space, zca))
+            methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, z_all,
+                                  _BASELINE_LR, space, zca, objective=objective))
         elif name == "teacher":
             state, kind, arch, _ = load_weights(opened.run.teacher)
             if kind != "resnet":
@@ -133,8 +142,8 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
     return methods
 
 
-def _high_loss_subset(opened, x_all: torch.Tensor, size: int, sets: list[SynthSet],
-                      device: torch.device) -> torch.Tensor:
+def _high_loss_subset(opened, x_all: torch.Tensor, z_all: torch.Tensor, objective: Objective,
+                      size: int, sets: list[SynthSet], device: torch.device) -> torch.Tensor:
     """MKDT's high-loss selection (``ddkd.subsets``) over the run's images -> positions.
 
     A set initialised high-loss from the same experts already holds exactly this subset (its
@@ -152,8 +161,8 @@ def _high_loss_subset(opened, x_all: torch.Tensor, size: int, sets: list[SynthSe
         spec: ParamSpec = experts.header.param_spec
         snapshots = [experts.snapshot(k, 1) for k in range(len(experts))]
     log.info("selecting the %d highest-loss images of %s", size, opened.run.root)
-    return high_loss_indices(student, spec, snapshots, x_all.to(device),
-                             opened.targets.to(device), size)
+    return high_loss_indices(student, spec, snapshots, x_all.to(device), z_all.to(device), size,
+                             objective.to(device).per_example_loss)
 
 
 def _downstream(name: str, data_root: str | None, shape) -> tuple[ImageTensors, ImageTensors]:
@@ -292,14 +301,19 @@ def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
     if method.fixed_encoder is not None:
         return method.fixed_encoder.to(device), None
     images, targets = method.data(seed)
-    out_dim = targets.shape[1] if targets is not None else 1
+    if targets is None:  # the head is never trained: any width the student allows
+        out_dim = int((student or {}).get("out_dim") or 1)
+    else:
+        out_dim = (method.objective.student_dim if method.objective is not None
+                   else targets.shape[1])
     encoder = build_encoder(arch, shape, out_dim, seed, student).to(device)
     if images is None:
         return encoder.eval(), None
     if method.ssl is not None:
         return _pretrain_ssl(encoder, method, images, seed, shape, epochs, device)
+    loss_fn = method.objective.to(device).loss if method.objective is not None else None
     losses = pretrain(encoder, images.to(device), targets.to(device), method.lr, seed,
-                      epochs=epochs)
+                      epochs=epochs, loss_fn=loss_fn)
     return encoder, losses[-1]
 
 

@@ -129,9 +129,13 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta: dict,
-                 zca: dict[str, torch.Tensor] | None = None) -> None:
-    """Atomically write the ``(N, D)`` target matrix, the train-split indices it covers and,
-    when the experts train on whitened images, the ZCA transform (group ``/zca``)."""
+                 zca: dict[str, torch.Tensor] | None = None, objective: str = "mse",
+                 objective_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically write the ``(N, D)`` teacher features (``/targets``: the raw representations,
+    whatever the objective), the train-split indices they cover, the KD objective's name and
+    fitted state (group ``/objective``; its ``targets`` map the features into the objective's
+    target space) and, when the experts train on whitened images, the ZCA transform
+    (group ``/zca``)."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = TARGETS_FORMAT
@@ -139,10 +143,25 @@ def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta:
             fh.attrs["meta"] = json.dumps(meta, sort_keys=True)
             fh.create_dataset("targets", data=targets.numpy().astype(np.float32))
             fh.create_dataset("indices", data=indices.numpy().astype(np.int64))
+            group = fh.create_group("objective")
+            group.attrs["name"] = objective
+            for name, tensor in (objective_state or {}).items():
+                group.create_dataset(name, data=tensor.numpy())
             if zca is not None:
                 group = fh.create_group("zca")
                 for name, tensor in zca.items():
                     group.create_dataset(name, data=tensor.numpy())
+
+
+def load_objective_state(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The KD objective's name and fitted state stored with the targets (``mse`` and no state
+    for files written before objectives existed)."""
+    with h5py.File(path, "r") as fh:
+        if "objective" not in fh:
+            return "mse", {}
+        group = fh["objective"]
+        state = {k: torch.from_numpy(np.asarray(v[()])) for k, v in group.items()}
+        return str(group.attrs["name"]), state
 
 
 def load_zca(path: Path) -> dict[str, torch.Tensor] | None:
@@ -180,9 +199,11 @@ class OpenedRun:
     labels: torch.Tensor  # (N,) (evaluation only)
     num_classes: int
     indices: torch.Tensor  # (N,) into the dataset's training split
-    targets: torch.Tensor  # (N, D) float32
+    targets: torch.Tensor  # (N, D) float32: the teacher's raw features
     normalization: dict  # {"mean": [...], "std": [...]}
     zca: dict[str, torch.Tensor] | None  # mean, matrix, inverse; None without whitening
+    objective: str = "mse"  # the KD objective of the experts
+    objective_state: dict[str, torch.Tensor] | None = None  # its fitted state
 
 
 def open_run(root: str | Path) -> OpenedRun:
@@ -216,5 +237,7 @@ def open_run(root: str | Path) -> OpenedRun:
     if train.checksum() != env["inputs"]["train_checksum"]:
         raise ConfigError(f"the training images of {data['dataset']} differ from those the run "
                           f"{run.root} was made from (checksum mismatch): the dataset changed")
+    objective, objective_state = load_objective_state(run.targets)
     return OpenedRun(run, config, env, train.images, train.labels, train.num_classes, indices,
-                     targets, meta["normalization"], load_zca(run.targets))
+                     targets, meta["normalization"], load_zca(run.targets), objective,
+                     objective_state)

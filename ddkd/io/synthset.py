@@ -174,7 +174,8 @@ def load_synthset(path: str | Path) -> SynthSet:
                 provenance=json.loads(fh.attrs["provenance"]),
                 config=json.loads(fh.attrs["config"]),
                 init_indices=torch.from_numpy(fh["init_indices"][()]),
-                objective_state={k: torch.from_numpy(v[()]) for k, v in fh["objective"].items()},
+                objective_state={k: torch.from_numpy(np.asarray(v[()]))
+                                 for k, v in fh["objective"].items()},
                 history={k: np.asarray(v[()]) for k, v in fh["history"].items()},
                 zca=ZCA(**{k: torch.from_numpy(fh["zca"][k][()])
                            for k in ("mean", "matrix", "inverse")},

@@ -9,9 +9,11 @@ and a linear head to the target dimension. At 32x32 and depth 3 the flattened fe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,6 +27,9 @@ class ConvNetConfig:
     width: int = 128
     norm: str = "instancenorm"  # instancenorm | batchnorm | none
     out_dim: int = 512  # target dimension of the head; 0 drops the head
+    # "linear": a linear head on the flat features. "prerelu": no parameters; the last block's
+    # pre-ReLU map average-pooled to out_dim / width cells (KDEP's signed student side).
+    output: str = "linear"
 
     def feature_dim(self) -> int:
         size = self.image_size
@@ -69,11 +74,25 @@ class ConvNet(nn.Module):
             ]
             channels = config.width
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(config.feature_dim(), config.out_dim) if config.out_dim else None
+        self.head = None
+        if config.output == "prerelu":
+            cells = math.isqrt(max(1, config.out_dim // config.width))
+            if cells * cells * config.width != config.out_dim:
+                raise ValueError(f"a prerelu output of {config.out_dim} is not width "
+                                 f"{config.width} x a square number of cells")
+            self.cells = cells
+        elif config.output != "linear":
+            raise ValueError(f"unknown ConvNet output {config.output!r}; expected linear or "
+                             "prerelu")
+        elif config.out_dim:
+            self.head = nn.Linear(config.feature_dim(), config.out_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).flatten(1)  # (B, feature_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.output == "prerelu":
+            pre_relu = self.body[:-2](x)  # the last block's conv + norm: (B, width, h, w)
+            return F.adaptive_avg_pool2d(pre_relu, self.cells).flatten(1)
         feats = self.features(x)
         return self.head(feats) if self.head is not None else feats

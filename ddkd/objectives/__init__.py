@@ -20,11 +20,34 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(name: str, teacher_dim: int) -> Objective:
-    """An unfitted objective by name (published defaults)."""
+def build_objective(name: str, teacher_dim: int, **options) -> Objective:
+    """An unfitted objective by name (published defaults unless ``options`` say otherwise)."""
     if name not in OBJECTIVES:
         raise ConfigError(f"objective {name!r} is unknown; valid: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](teacher_dim)
+    return OBJECTIVES[name](teacher_dim, **options)
 
 
-__all__ = ["OBJECTIVES", "Objective", "build_objective"]
+def restore_objective(name: str, state: dict, target_dim: int) -> Objective:
+    """A fitted objective from its saved state (a run's targets file or a synthetic set);
+    ``target_dim``: the width of the targets it is used with."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective {name!r} is unknown; valid: {', '.join(OBJECTIVES)}")
+    try:
+        teacher_dim = OBJECTIVES[name].teacher_dim_from_state(state, target_dim)
+    except KeyError as err:
+        raise ConfigError(f"the saved state of objective {name!r} is incomplete: {err}") from err
+    objective = build_objective(name, teacher_dim)
+    try:
+        objective.load_state_dict(state)
+    except KeyError as err:
+        raise ConfigError(f"the saved state of objective {name!r} is incomplete: {err}") from err
+    return objective
+
+
+def student_output(objective: Objective, width: int) -> str:
+    """The student's output mode for ``objective``: KDEP regresses the signed pre-ReLU map,
+    every other objective a linear head (see :class:`ddkd.models.ConvNetConfig`)."""
+    return "prerelu" if objective.name == "kdep" else "linear"
+
+
+__all__ = ["OBJECTIVES", "Objective", "build_objective", "restore_objective", "student_output"]

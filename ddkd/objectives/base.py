@@ -23,6 +23,11 @@ class Objective:
     def __init__(self, teacher_dim: int):
         self.teacher_dim = teacher_dim
 
+    @staticmethod
+    def teacher_dim_from_state(state: dict, target_dim: int) -> int:
+        """The teacher's feature width, from a saved state and the targets' width."""
+        return int(state["mean"].shape[0]) if "mean" in state else target_dim
+
     @property
     def student_dim(self) -> int:
         """Width of the student output the loss takes (the student's head size)."""
@@ -38,6 +43,10 @@ class Objective:
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Student output ``(B, student_dim)`` against targets ``(B, target_dim)`` -> scalar."""
         raise NotImplementedError
+
+    def per_example_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``loss`` of every example on its own -> ``(B,)`` (high-loss selection)."""
+        return torch.vmap(lambda o, t: self.loss(o[None], t[None]))(output, target)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         missing = [n for n in self.state_names if getattr(self, n, None) is None]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ddkd.errors import ConfigError
 from ddkd.objectives.base import Objective
 
 
@@ -28,9 +29,15 @@ class KDEPObjective(Objective):
     state_names = ("mean", "directions", "temperature")
 
     def __init__(self, teacher_dim: int, dim: int | None = None, power: float = 3.0,
-                 weight: float = 3.0):
+                 weight: float = 3.0, student_width: int | None = None):
         super().__init__(teacher_dim)
         self.dim = min(dim or teacher_dim, teacher_dim)
+        self.student_width = student_width
+        if student_width is not None and student_width > teacher_dim:
+            raise ConfigError(
+                f"kdep: the student's pre-ReLU output has at least student.width = "
+                f"{student_width} dimensions, more than the teacher's {teacher_dim}; "
+                f"lower --set student.width to at most {teacher_dim}")
         self.power, self.weight = power, weight
         self.mean = self.directions = self.temperature = None
 
@@ -38,12 +45,25 @@ class KDEPObjective(Objective):
     def student_dim(self) -> int:
         return self.dim if self.directions is None else self.directions.shape[1]
 
+    def _aligned_dim(self, limit: int) -> int:
+        """d: at most ``limit``; with a student width, width x c x c for the largest c (the
+        pooled pre-ReLU cells; 512 = 128 x 2 x 2 at most, as in KDEP)."""
+        if self.student_width is None:
+            return limit
+        if self.student_width > limit:
+            raise ConfigError(f"kdep: {limit} principal directions (teacher dimension or fitting "
+                              f"images) cannot fill a student width of {self.student_width}")
+        cells = 1
+        while self.student_width * (cells + 1) ** 2 <= min(limit, 512):
+            cells += 1
+        return self.student_width * cells * cells
+
     def fit(self, z_teacher: torch.Tensor, generator: torch.Generator) -> None:
         z = z_teacher.double()
         self.mean = z.mean(0)
         # right singular vectors of the centred features = principal directions (D, d)
         _, _, vh = torch.linalg.svd(z - self.mean, full_matrices=False)
-        directions = vh[: self.dim].T
+        directions = vh[: self._aligned_dim(min(self.dim, vh.shape[0]))].T
         # fix each direction's sign (SVD's is arbitrary): largest loading positive
         signs = torch.sign(directions.gather(0, directions.abs().argmax(0, keepdim=True)))
         self.directions = directions * signs

@@ -66,9 +66,16 @@ class SSLDObjective(Objective):
     def targets(self, z_teacher: torch.Tensor) -> torch.Tensor:
         return self.logits(z_teacher)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def teacher_dim_from_state(state: dict, target_dim: int) -> int:
+        return int(state["anchors"].shape[1])
+
+    def per_example_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p_s = F.log_softmax(self.logits(output), dim=1)
         log_p_t = F.log_softmax(target, dim=1)
-        kl_ts = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-        kl_st = F.kl_div(log_p_t, log_p_s, log_target=True, reduction="batchmean")
+        kl_ts = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)  # KL(p_t || p_s)
+        kl_st = (log_p_s.exp() * (log_p_s - log_p_t)).sum(1)  # KL(p_s || p_t)
         return 0.5 * (kl_ts + kl_st)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.per_example_loss(output, target).mean()

@@ -28,6 +28,7 @@ from ddkd.io.run import open_run
 from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
+from ddkd.objectives import restore_objective
 from ddkd.runtime import environment_record, make_generator, sha256_file
 from ddkd.subsets import high_loss_indices, random_indices
 from ddkd.synth.augment import DSA
@@ -37,6 +38,7 @@ from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and t
     matching_loss,
     meta_gradient,
     meta_gradient_constant_memory,
+    mse_loss,
     sample_batches,
     unroll,
 )
@@ -72,7 +74,8 @@ _STREAM_PROBE = 42
 
 
 def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, x: torch.Tensor,
-                        y: torch.Tensor, alpha: float, device: torch.device) -> float:
+                        y: torch.Tensor, alpha: float, device: torch.device,
+                        loss_fn=mse_loss) -> float:
     """Mean matching loss over every (expert, start epoch) pair with fixed batches.
 
     The per-iteration loss mixes segments of very different difficulty; this fixed probe, run
@@ -87,7 +90,7 @@ def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, 
             theta_target = experts.snapshot(k, t + config.expert_epochs).to(device)
             theta = unroll(model, spec, theta_start, x.detach(), y.detach(),
                            torch.tensor(alpha, device=device, dtype=x.dtype),
-                           [b.to(device) for b in batches], create_graph=False)
+                           [b.to(device) for b in batches], loss_fn, create_graph=False)
             losses.append(float(matching_loss(theta.detach(), theta_start, theta_target)))
     return sum(losses) / len(losses)
 
@@ -223,18 +226,22 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     x_real = normalize(opened.images.to(device))  # (N, C, H, W)
     if zca is not None:
         x_real = zca(x_real)
-    z_real = opened.targets.to(device)  # (N, D)
+    # The experts regressed the objective's targets: the synthetic targets live there too.
+    objective = restore_objective(opened.objective, opened.objective_state or {},
+                                  opened.targets.shape[1]).to(device)
+    z_real = objective.targets(opened.targets.to(device))  # (N, target_dim)
 
     if config.init == "high-loss":
         snapshots = (experts.snapshot(k, 1) for k in range(len(experts)))
-        init = high_loss_indices(model, spec, snapshots, x_real, z_real, n)
+        init = high_loss_indices(model, spec, snapshots, x_real, z_real, n,
+                                 objective.per_example_loss)
     else:
         init = random_indices(num_train, n, make_generator(config.seed, _STREAM_INIT))
     alpha0 = config.lr_init if config.lr_init is not None else header.experts_config["lr"]
     state = _State(x_real[init.to(device)], z_real[init.to(device)], alpha0, config)
     del x_real, z_real
     initial_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y, alpha0,
-                                        device)
+                                        device, objective.loss)
     start = 0
     if resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=True)
@@ -255,7 +262,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         augment = (lambda x, step, it=it: dsa(x, it, step)) if dsa is not None else None
         compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
         mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
-                     augment=augment)
+                     objective.loss, augment=augment)
         loss = float(mg.loss)
         finite = math.isfinite(loss) and all(
             bool(torch.isfinite(g).all()) for g in (mg.grad_x, mg.grad_y, mg.grad_alpha))
@@ -288,7 +295,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     bar.close()
 
     final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
-                                      float(state.alpha), device)
+                                      float(state.alpha), device, objective.loss)
     history = {}
     for row in read_jsonl(partial / "metrics.jsonl"):  # later rows win after a resume
         if row["iteration"] <= config.iterations:
@@ -321,6 +328,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         mean=torch.tensor(normalize.mean, dtype=torch.float64),
         std=torch.tensor(normalize.std, dtype=torch.float64),
         objective=header.objective,
+        objective_state=objective.state_dict(),
         provenance=provenance,
         config=to_dict(config),
         init_indices=opened.indices[init],

@@ -50,6 +50,7 @@ def train_expert(
     seed: int,
     k: int,
     on_epoch: Callable[[int, float], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train student ``k`` by representation matching and record its trajectory.
 
@@ -60,6 +61,7 @@ def train_expert(
         z_train: ``(N, D)`` targets on the same device.
         seed: the run's seed; expert ``k`` uses its own derived streams.
         on_epoch: called with ``(epoch, mean_loss)`` after every epoch.
+        loss_fn: the KD objective's loss ``(output, target) -> scalar`` (MKDT's MSE by default).
 
     Returns:
         ``(epochs + 1, P)`` float32 snapshots on the CPU, and the per-epoch mean losses.
@@ -81,7 +83,7 @@ def train_expert(
         total = torch.zeros((), device=device)
         for start in range(0, n, experts.batch_size):  # keeps the last partial batch, as MKDT
             idx = order[start : start + experts.batch_size]
-            loss = F.mse_loss(student(x_train[idx]), z_train[idx])
+            loss = loss_fn(student(x_train[idx]), z_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,6 +116,7 @@ def train_experts(
     seed: int,
     ks: list[int],
     on_epoch: Callable[[int, list[float]], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
 ) -> list[tuple[torch.Tensor, list[float]]]:
     """Train students ``ks`` together (see the module docstring); for each, what
     :func:`train_expert` returns for it: ``(epochs + 1, P)`` snapshots and per-epoch losses.
@@ -122,7 +125,7 @@ def train_experts(
     """
     if len(ks) == 1:
         single = None if on_epoch is None else (lambda e, loss: on_epoch(e, [loss]))
-        return [train_expert(config, experts, x_train, z_train, seed, ks[0], single)]
+        return [train_expert(config, experts, x_train, z_train, seed, ks[0], single, loss_fn)]
     device = x_train.device
     students = [init_student(config, seed, k).to(device) for k in ks]
     params, buffers = stack_module_state(students)  # {name: (G, ...)} leaves
@@ -131,7 +134,7 @@ def train_experts(
     del students
 
     def loss_of_one(p, b, x, z):  # one student: (b, C, H, W), (b, D) -> ()
-        return F.mse_loss(functional_call(template, (p, b), (x,)), z)
+        return loss_fn(functional_call(template, (p, b), (x,)), z)
 
     loss_of_group = vmap(loss_of_one)  # (G, b, C, H, W), (G, b, D) -> (G,)
     optimizer = torch.optim.SGD(

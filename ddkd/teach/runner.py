@@ -25,11 +25,19 @@ from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError
 from ddkd.io.atomic import append_jsonl, atomic_path, write_json
 from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
-from ddkd.io.run import RunDir, load_targets, load_zca, prepare_run_dir, save_targets
+from ddkd.io.run import (
+    RunDir,
+    load_objective_state,
+    load_targets,
+    load_zca,
+    prepare_run_dir,
+    save_targets,
+)
 from ddkd.io.weights import load_weights, save_weights
 from ddkd.models.convnet import ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet
+from ddkd.objectives import Objective, build_objective, student_output
 from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
@@ -39,7 +47,7 @@ from ddkd.teach.targets import compute_targets
 
 log = logging.getLogger(__name__)
 
-_STREAM_SUBSET, _STREAM_RANDOM_NET, _STREAM_TEACHER_INIT = 10, 30, 31
+_STREAM_SUBSET, _STREAM_RANDOM_NET, _STREAM_TEACHER_INIT, _STREAM_OBJECTIVE = 10, 30, 31, 32
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
@@ -57,13 +65,14 @@ def select_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:subset].sort().values
 
 
-def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_dim: int):
+def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_dim: int,
+                   output: str = "linear"):
     c, h, w = image_shape
     if h != w:
         raise ConfigError(f"images are {h}x{w}; the ConvNet student needs square images")
     sc = ConvNetConfig(
         in_channels=c, image_size=h, depth=config.student.depth, width=config.student.width,
-        norm=config.student.norm, out_dim=out_dim,
+        norm=config.student.norm, out_dim=out_dim, output=output,
     )
     if sc.feature_dim() < 1:
         raise ConfigError(f"student.depth {sc.depth} halves {h}x{w} images to nothing; use at "
@@ -127,7 +136,8 @@ def run_teach(
     indices = select_subset(len(full_train), config.data.subset, config.seed)
     train = full_train.subset(indices)
     teacher = _resolve_teacher(config, train)
-    sc = student_config(config, train.shape, teacher.dim)
+    student_config(config, train.shape, teacher.dim)  # validates the student before writing
+    objective = _objective(config, teacher.dim, len(train))
     run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
     if run.is_complete():
         log.info("run %s is already complete", run.root)
@@ -163,10 +173,12 @@ def run_teach(
     teacher.net.eval()
 
     # Phase 2: the targets (and the ZCA transform of the experts' inputs, if asked for).
+    # The objective is fitted once on the teacher's features; its state is saved with them.
     if run.targets.is_file():
         z_train, _, _ = load_targets(run.targets)
         zca_tensors = load_zca(run.targets)
         zca = ZCA(**zca_tensors, eps=config.data.zca_eps) if zca_tensors else None
+        objective.load_state_dict(load_objective_state(run.targets)[1])
     else:
         bar = _bar(len(train), "targets", "img", progress)
         z_train = compute_targets(teacher.net, train.images, teacher.normalize, device,
@@ -174,9 +186,12 @@ def run_teach(
         bar.close()
         zca = (ZCA.fit(teacher.normalize(train.images), config.data.zca_eps)
                if config.data.zca else None)
+        objective.fit(z_train, make_generator(config.seed, _STREAM_OBJECTIVE))
         save_targets(run.targets, z_train, indices, {"normalization": asdict(teacher.normalize),
                                                      "teacher": teacher.arch},
-                     zca.tensors() if zca else None)
+                     zca.tensors() if zca else None, objective.name, objective.state_dict())
+    sc = student_config(config, train.shape, objective.student_dim,
+                        student_output(objective, config.student.width))
 
     # Phase 3: what the teacher's features are worth (saved with the teacher).
     if not run.teacher.is_file():
@@ -196,8 +211,8 @@ def run_teach(
              100 * knn["teacher"], 100 * knn["random_init"], 100 * knn["raw_pixels"])
 
     # Phase 4: the experts.
-    expert_losses = _record_experts(config, sc, train, z_train, teacher.normalize, zca, run,
-                                    device, progress)
+    expert_losses = _record_experts(config, sc, train, objective, z_train, teacher.normalize,
+                                    zca, run, device, progress)
     summary = {
         "run": str(run.root),
         "dataset": config.data.dataset,
@@ -274,8 +289,23 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
     }
 
 
+def _objective(config: TeachConfig, teacher_dim: int, num_train: int) -> Objective:
+    """The experts' KD objective, unfitted (checked against the teacher and the data before
+    anything is written)."""
+    name, anchors = config.experts.objective, config.experts.anchors
+    if name == "kdep":
+        return build_objective(name, teacher_dim, student_width=config.student.width)
+    if name == "ssld":
+        if anchors > num_train:
+            raise ConfigError(f"ssld: experts.anchors = {anchors} k-means anchors need at least "
+                              f"as many training images, got {num_train}; lower --set "
+                              "experts.anchors")
+        return build_objective(name, teacher_dim, num_anchors=anchors)
+    return build_objective(name, teacher_dim)
+
+
 def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
-                    z_train: torch.Tensor,
+                    objective: Objective, z_train: torch.Tensor,
                     normalize: Normalization, zca: ZCA | None, run: RunDir,
                     device: torch.device, progress: bool) -> list[float]:
     """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses."""
@@ -286,7 +316,7 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
         x_train = normalize(train.images.to(device))  # (N, C, H, W) float, kept on the device
         if zca is not None:
             x_train = zca(x_train)
-        z_dev = z_train.to(device)
+        z_dev = objective.targets(z_train).to(device)  # in the objective's target space
         run.expert_shards.mkdir(exist_ok=True)
         shards = [run.expert_shards / f"expert_{k:04d}.h5" for k in range(ec.num_experts)]
         todo = [k for k in range(ec.num_experts) if not shards[k].is_file()]
@@ -303,7 +333,8 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                     append_jsonl(run.metrics, {"phase": "expert", "expert": k,
                                                "epoch": epoch + 1, "loss": loss})
 
-            results = train_experts(sc, ec, x_train, z_dev, config.seed, group, on_epoch)
+            results = train_experts(sc, ec, x_train, z_dev, config.seed, group, on_epoch,
+                                    loss_fn=objective.to(device).loss)
             for k, (trajectory, losses) in zip(group, results, strict=True):
                 write_expert_shard(shards[k], trajectory, losses, seed=config.seed,
                                    dtype=ec.dtype)

@@ -1,0 +1,283 @@
+"""ddkd's performance benchmark: experts and trajectory matching against the reference.
+
+    .venv/bin/python bench/run.py [--device cpu|cuda] [--shapes fashion-mnist,cifar10-ipc10]
+                                  [--syn-steps 5,10,20,40] [--groups 4,8] [--repeats 2]
+
+For each shape it prints one table:
+
+* expert training throughput (images/s): the reference (``bench/reference.py``: MTT/MKDT's
+  ``buffer.py`` loop, one expert at a time), ddkd's ``train_expert`` (one at a time) and
+  ``train_experts`` (G students batched with ``vmap``);
+* trajectory matching, per outer iteration at every ``syn_steps``: time and peak memory of the
+  reference (``distill.py``: flat-vector student, fully unrolled graph), ddkd ``unrolled`` and
+  ddkd ``constant`` (TESLA-style recomputation), the FLOPs of an iteration (counted by
+  ``torch.utils.flop_counter``) and the fraction of the device's measured convolution
+  throughput that each reaches.
+
+Every ratio is against the reference on the same row. Memory is measured in a fresh process per
+variant: on the CPU, the peak resident set (``ru_maxrss``) above the resident set once the
+inputs are built, before the first run; on a GPU, ``torch.cuda.max_memory_allocated`` above
+the memory allocated at that point. Either way it is the memory one iteration needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from reference import (  # noqa: E402
+    FlatConvNet,
+    matching_iteration_reference,
+    train_expert_reference,
+)
+
+from ddkd.config import ExpertConfig  # noqa: E402
+from ddkd.models.convnet import ConvNet, ConvNetConfig  # noqa: E402
+from ddkd.models.functional import ParamSpec  # noqa: E402
+from ddkd.synth.matching import (  # noqa: E402
+    Segment,
+    meta_gradient,
+    meta_gradient_constant_memory,
+    sample_batches,
+)
+from ddkd.teach.experts import train_expert, train_experts  # noqa: E402
+
+# name -> (channels, size, student width, depth, target dim, synthetic images, batch_syn)
+SHAPES = {
+    # the CPU default recipe (recipes/fashion-mnist.toml): ipc 10, batch_syn 25
+    "fashion-mnist": (1, 28, 128, 3, 128, 100, 25),
+    # CIFAR-10 at ipc 10 with MKDT's ResNet-18 teacher (512-d targets), whole set per step
+    "cifar10-ipc10": (3, 32, 128, 3, 512, 100, 100),
+}
+EXPERT_IMAGES = int(os.environ.get("DDKD_BENCH_IMAGES", 512))  # images per timed expert epoch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _student(shape: str) -> ConvNetConfig:
+    c, size, width, depth, dim, _, _ = SHAPES[shape]
+    return ConvNetConfig(in_channels=c, image_size=size, depth=depth, width=width, out_dim=dim)
+
+
+def _data(shape: str, n: int, device: torch.device):
+    c, size, _, _, dim, _, _ = SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(n, c, size, size, generator=gen).to(device),
+            torch.randn(n, dim, generator=gen).to(device))
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+
+def measure(variant: str, shape: str, device: torch.device, syn_steps: int, group: int,
+            repeats: int) -> dict:
+    """Run one variant (after a warm-up) and return its figures; called in a fresh process."""
+    torch.manual_seed(0)
+    cfg = _student(shape)
+    c, size, width, depth, dim, n_syn, batch_syn = SHAPES[shape]
+    if variant.startswith("experts-"):
+        x, z = _data(shape, EXPERT_IMAGES, device)
+        ec = ExpertConfig(num_experts=group, epochs=1)
+        if variant == "experts-reference":
+            def run():
+                for _ in range(group):
+                    train_expert_reference(ConvNet(cfg).to(device), x, z, epochs=1)
+        elif variant == "experts-ddkd":
+            def run():
+                for k in range(group):
+                    train_expert(cfg, ec, x, z, seed=0, k=k)
+        else:
+            def run():
+                train_experts(cfg, ec, x, z, seed=0, ks=list(range(group)))
+        base = _memory(device, reset=True)
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return {"seconds": min(times), "images_per_s": group * EXPERT_IMAGES / min(times),
+                "peak_bytes": _memory(device) - base}
+
+    gen = torch.Generator().manual_seed(1)
+    x_syn, y_syn = _data(shape, n_syn, device)
+    alpha = torch.tensor(0.01, device=device)
+    batches = [b.to(device) for b in sample_batches(n_syn, syn_steps, batch_syn, gen)]
+    if variant == "match-reference":
+        flat = FlatConvNet(c, size, depth, width, dim)
+        theta0 = flat.init(gen).to(device)
+        theta1 = theta0 + 0.01 * torch.randn(theta0.shape, generator=gen).to(device)
+
+        def run():
+            matching_iteration_reference(flat, theta0, theta1, x_syn, y_syn, alpha, batches)
+    else:
+        model = ConvNet(cfg).to(device)
+        spec = ParamSpec.of(model)
+        theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+        theta1 = theta0 + 0.01 * torch.randn(theta0.shape, generator=gen).to(device)
+        segment = Segment(0, 0, theta0, theta1, tuple(batches))
+        fn = meta_gradient if variant == "match-unrolled" else meta_gradient_constant_memory
+
+        def run():
+            fn(model, spec, segment, x_syn, y_syn, alpha)
+    base = _memory(device, reset=True)
+    run()  # warm-up
+    with _FlopCount() as counter:
+        run()
+    flops = counter.total
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": min(times), "flops": flops, "peak_bytes": _memory(device) - base}
+
+
+class _FlopCount(TorchDispatchMode):
+    """Sums the FLOPs of every matmul and convolution (forward, backward and double backward)
+    with ``torch.utils.flop_counter``'s formulas; unlike ``FlopCounterMode`` it installs no
+    module hooks, which ``autograd.grad`` on leaves (the constant-memory sweep) rejects."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def _memory(device: torch.device, reset: bool = False) -> int:
+    """Bytes: peak allocated on a GPU; peak resident set on the CPU (monotone per process,
+    hence one process per variant)."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+            return torch.cuda.memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device)
+    if reset:  # the current resident set: what the peak is measured above
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def conv_throughput(shape: str, device: torch.device) -> float:
+    """FLOP/s of the student's widest convolution, forward, at the expert batch size: what
+    these cores can do on the work that dominates every variant."""
+    c, size, width, _, _, _, _ = SHAPES[shape]
+    x = torch.randn(256, width, size, size, device=device)
+    w = torch.randn(width, width, 3, 3, device=device)
+    for _ in range(2):
+        torch.nn.functional.conv2d(x, w, padding=1)
+    _sync(device)
+    t0 = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        torch.nn.functional.conv2d(x, w, padding=1)
+    _sync(device)
+    return reps * 2 * 256 * width * width * 9 * size * size / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--one", variant, "--shapes", shape, "--device",
+           args.device, "--syn-steps", str(syn_steps), "--groups", str(group), "--repeats",
+           str(args.repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: {variant} ({shape}) failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def bench_shape(shape: str, args, device: torch.device) -> str:
+    lines = [f"## {shape} ({SHAPES[shape][0]}x{SHAPES[shape][1]}x{SHAPES[shape][1]}, "
+             f"ConvNet width {SHAPES[shape][2]} depth {SHAPES[shape][3]}, targets "
+             f"{SHAPES[shape][4]}-d, {SHAPES[shape][5]} synthetic images, batch_syn "
+             f"{SHAPES[shape][6]}; {device.type}, {torch.get_num_threads()} threads)", ""]
+    peak = conv_throughput(shape, device)
+    lines.append(f"Measured convolution throughput: {peak / 1e9:,.1f} GFLOP/s.\n")
+    lines += ["| expert training | experts | images/s | speed-up |", "|---|---|---|---|"]
+    for group in args.groups:
+        ref = _child("experts-reference", shape, args, group=group)
+        one = _child("experts-ddkd", shape, args, group=group)
+        batched = _child("experts-batched", shape, args, group=group)
+        for name, r in (("reference (one at a time)", ref), ("ddkd, one at a time", one),
+                        (f"ddkd, {group} batched", batched)):
+            lines.append(f"| {name} | {group} | {r['images_per_s']:,.0f} | "
+                         f"{r['images_per_s'] / ref['images_per_s']:.2f}x |")
+    lines += ["", "| matching | syn_steps | s/iteration | speed-up | peak MiB | "
+              "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
+    for n in args.syn_steps:
+        ref = _child("match-reference", shape, args, syn_steps=n)
+        for name, variant in (("reference (unrolled)", None), ("ddkd unrolled", "match-unrolled"),
+                              ("ddkd constant", "match-constant")):
+            r = ref if variant is None else _child(variant, shape, args, syn_steps=n)
+            lines.append(
+                f"| {name} | {n} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x "
+                f"| {_mib(r['peak_bytes'])} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
+                f"{r['flops'] / 1e9:,.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--shapes", default="fashion-mnist,cifar10-ipc10",
+                        help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--syn-steps", default="5,10,20,40", help="comma list")
+    parser.add_argument("--groups", default="4", help="experts per batch, comma list")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant, JSON out
+    args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"bench: unknown shape(s) {unknown}; valid: {', '.join(SHAPES)}")
+    args.syn_steps = [int(v) for v in args.syn_steps.split(",")]
+    args.groups = [int(v) for v in args.groups.split(",")]
+    device = torch.device(args.device)
+    if args.one:
+        result = measure(args.one, shapes[0], device, args.syn_steps[0], args.groups[0],
+                         args.repeats)
+        print(json.dumps(result))
+        return
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{os.cpu_count()} CPU cores"
+    print(f"# ddkd benchmark on {name}, torch {torch.__version__}\n")
+    for shape in shapes:
+        print(bench_shape(shape, args, device) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -105,6 +105,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from ddkd.config import SynthConfig, build_config, merge, parse_overrides
+    from ddkd.distributed import join
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.synth.runner import run_synthesize
 
@@ -113,6 +114,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in (
         "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
         "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "seed",
+        "segments",
     ) if getattr(args, name) is not None}
     if args.zca:
         flags["zca"] = True
@@ -120,14 +122,19 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     if {"ipc", "size", "fraction"} & (set(flags) | set(overrides)):
         for name in ("ipc", "size", "fraction"):  # a size given now replaces the recipe's
             values.pop(name, None)
+    world = args.devices * args.num_nodes
+    if world > 1 and "segments" not in flags and "segments" not in overrides:
+        flags["segments"] = world  # one segment per process and iteration
     config = build_config(SynthConfig, merge(merge(values, overrides), flags))
     logging.getLogger(__name__).info(
         "synthesize settings from %s", recipe if recipe else "MKDT's defaults (no recipe)")
-    device = resolve_device(args.device)
+    dist, device = join(args.devices, args.num_nodes, resolve_device(args.device))
     seed_everything(config.seed)
     summary = run_synthesize(config, args.run, args.out, device, resume=args.resume,
                              overwrite=args.overwrite, progress=not args.no_progress,
-                             command=sys.argv)
+                             command=sys.argv, dist=dist)
+    if not dist.is_main:
+        return 0
     print(
         f"ddkd synthesize: done in {summary['seconds']:.0f}s -> {summary['out']}\n"
         f"  {summary['images']} images, {summary['iterations']} iterations; matching loss "
@@ -317,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--init", help="high-loss (MKDT) or random")
     syn.add_argument("--augment", help="none (MKDT) or dsa (MTT's differentiable siamese "
                      "augmentation, one draw per step shared by all images)")
+    syn.add_argument("--segments", type=int,
+                     help="expert segments per outer iteration, their meta-gradients averaged "
+                     "(MTT/MKDT: 1; default: the number of processes)")
+    syn.add_argument("--devices", type=int, default=1,
+                     help="processes on this node (GPUs, or CPU processes with gloo), each "
+                     "matching its share of every iteration's segments (Lightning Fabric; "
+                     "under torchrun or srun, the number it started per node)")
+    syn.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun or SLURM)")
     syn.add_argument("--memory", help="unrolled (MTT: keeps the graph of all N steps, memory "
                      "linear in N) or constant (TESLA: the same gradient, recomputed step by "
                      "step backwards; memory flat in N)")

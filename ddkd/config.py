@@ -180,6 +180,9 @@ class SynthConfig:
     augment: str = "none"  # none (MKDT) | dsa (MTT's differentiable siamese augmentation)
     zca: bool = False  # require the run's ZCA whitening (set at teach time: data.zca)
     memory: str = "unrolled"  # unrolled (MTT: graph of all N steps) | constant (TESLA)
+    # expert segments per outer iteration, their meta-gradients averaged (MTT/MKDT: 1); with
+    # --devices N each device takes its share
+    segments: int = 1
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
     checkpoint_minutes: float = 5.0
     seed: int = 0
@@ -194,7 +197,8 @@ class SynthConfig:
             raise ConfigError(f"--size must be >= 1, got {self.size}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
-        for name in ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn"):
+        for name in ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn",
+                     "segments"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got "
                                   f"{getattr(self, name)}")

@@ -13,6 +13,8 @@ import platform
 import random
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +114,27 @@ def environment_record() -> dict:
         except ImportError:
             record[name] = None
     return record
+
+
+@dataclass
+class Ranks:
+    """This process's place in a data-parallel run: one process is rank 0 of 1.
+
+    ``all_reduce_sum`` and ``barrier`` come from the distributed engine (Lightning Fabric, see
+    :mod:`ddkd.distributed`); ddkd's stages call only these, so they run unchanged on one CPU.
+    """
+
+    rank: int = 0
+    world: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Elementwise sums over all processes (the tensors themselves on one process)."""
+        if self.world == 1 or self.all_reduce_sum is None:
+            return tensors
+        return [self.all_reduce_sum(t) for t in tensors]

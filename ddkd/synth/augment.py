@@ -67,9 +67,12 @@ class DSA:
         self.ops = ops
         self._kornia = _kornia_ops()
 
-    def draw(self, iteration: int, step: int, shape: torch.Size) -> tuple[str, object]:
-        """The operation and its parameters for ``(iteration, step)``."""
-        gen = make_generator(self.seed, _STREAM_DSA, iteration, step)
+    def draw(self, iteration: int, step: int, shape: torch.Size,
+             segment: int = 0) -> tuple[str, object]:
+        """The operation and its parameters for ``(iteration, step)`` (and ``segment``, when
+        an iteration matches several)."""
+        streams = (iteration, step) if segment == 0 else (iteration, step, segment)
+        gen = make_generator(self.seed, _STREAM_DSA, *streams)
         op = self.ops[int(torch.randint(len(self.ops), (1,), generator=gen))]
         if op == "color":
             r = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
@@ -79,8 +82,9 @@ class DSA:
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
             return op, self._kornia[op].forward_parameters(shape)
 
-    def __call__(self, x: torch.Tensor, iteration: int, step: int) -> torch.Tensor:
-        op, params = self.draw(iteration, step, x.shape)
+    def __call__(self, x: torch.Tensor, iteration: int, step: int,
+                 segment: int = 0) -> torch.Tensor:
+        op, params = self.draw(iteration, step, x.shape, segment)
         if op == "color":
             return color(x, *params)  # type: ignore[misc]
         return self._kornia[op](x, params=params)

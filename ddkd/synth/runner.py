@@ -29,7 +29,7 @@ from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.objectives import restore_objective
-from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
 from ddkd.subsets import high_loss_indices, random_indices
 from ddkd.synth.augment import DSA
 from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and tests)
@@ -55,9 +55,11 @@ def default_out(dataset: str, config: SynthConfig, n: int) -> Path:
 
 
 def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iteration: int,
-                   device: torch.device) -> Segment:
-    """The expert segment and inner batches of one outer iteration (seeded by iteration)."""
-    gen = make_generator(config.seed, _STREAM_ITERATION, iteration)
+                   device: torch.device, j: int = 0) -> Segment:
+    """Segment ``j`` of one outer iteration: expert, start epoch and inner batches, seeded by
+    ``(iteration, j)`` (segment 0 by the iteration alone, as with one segment)."""
+    streams = (iteration,) if j == 0 else (iteration, j)
+    gen = make_generator(config.seed, _STREAM_ITERATION, *streams)
     k = int(torch.randint(len(experts), (1,), generator=gen))
     t = int(torch.randint(config.max_start_epoch, (1,), generator=gen))
     batches = sample_batches(n_syn, config.syn_steps, config.batch_syn, gen)
@@ -158,20 +160,30 @@ def run_synthesize(
     overwrite: bool = False,
     progress: bool = True,
     command: list[str] | None = None,
+    dist: Ranks | None = None,
 ) -> dict:
-    """Distil a synthetic set from the teach run ``run_dir`` into ``out`` (HDF5)."""
+    """Distil a synthetic set from the teach run ``run_dir`` into ``out`` (HDF5).
+
+    ``dist``: this process's rank in a data-parallel run (``--devices``): every rank computes
+    its share of each iteration's ``config.segments`` segments, the meta-gradients are summed
+    across ranks, and every rank applies the same update; rank 0 alone writes files.
+    """
     t_start = time.time()
+    dist = dist or Ranks()
+    if config.segments % dist.world:
+        raise ConfigError(f"--segments {config.segments} cannot be shared by {dist.world} "
+                          f"processes: give a multiple of {dist.world}")
     opened = open_run(run_dir)
     experts = ExpertsFile(opened.run.experts)
     try:
         return _synthesize(config, opened, experts, out, device, resume, overwrite, progress,
-                           command, t_start)
+                           command, t_start, dist)
     finally:
         experts.close()
 
 
 def _synthesize(config, opened, experts, out, device, resume, overwrite, progress, command,
-                t_start) -> dict:
+                t_start, dist: Ranks) -> dict:
     header = experts.header
     # The start epoch t is drawn from {0, ..., T+ - 1} and the target is t + M.
     last_needed = config.max_start_epoch - 1 + config.expert_epochs
@@ -208,13 +220,15 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             raise ConfigError(f"--resume: the configuration differs from the unfinished run in "
                               f"{partial}; resume with the same options, or drop --resume and "
                               "pass --overwrite to start again")
-    elif partial.exists():
-        if not overwrite:
-            raise ConfigError(f"an unfinished run for {out} exists ({partial}); pass --resume "
-                              "to continue it or --overwrite to start again")
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json(partial / "config.json", record)
+    elif partial.exists() and not overwrite:
+        raise ConfigError(f"an unfinished run for {out} exists ({partial}); pass --resume "
+                          "to continue it or --overwrite to start again")
+    dist.barrier()  # every rank has checked the same state before rank 0 changes it
+    if dist.is_main:
+        if not resume and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        write_json(partial / "config.json", record)
 
     normalize = Normalization(tuple(opened.normalization["mean"]),
                               tuple(opened.normalization["std"]))
@@ -251,27 +265,41 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
 
     dsa = DSA(config.seed) if config.augment == "dsa" else None
     bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
-               disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+               disable=not (progress and dist.is_main and sys.stderr.isatty()),
+               dynamic_ncols=True, leave=False)
+
     def save_checkpoint(state_dict: dict, iteration: int) -> None:
+        if not dist.is_main:
+            return
         with atomic_path(ckpt) as tmp:
             torch.save({"state": state_dict, "iteration": iteration}, tmp)
 
     last_ckpt = time.time()
+    compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
     for it in range(start, config.iterations):
-        segment = sample_segment(experts, config, n, it, device)
-        augment = (lambda x, step, it=it: dsa(x, it, step)) if dsa is not None else None
-        compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
-        mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
-                     objective.loss, augment=augment)
-        loss = float(mg.loss)
+        # This process's share of the iteration's segments (all of them on one device).
+        mine = [sample_segment(experts, config, n, it, device, j)
+                for j in range(config.segments) if j % dist.world == dist.rank]
+        total = None
+        for segment, j in zip(mine, range(dist.rank, config.segments, dist.world), strict=True):
+            augment = ((lambda x, step, it=it, j=j: dsa(x, it, step, j)) if dsa is not None
+                       else None)
+            mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
+                         objective.loss, augment=augment)
+            parts = (mg.loss.reshape(1), mg.grad_x, mg.grad_y, mg.grad_alpha.reshape(1))
+            total = (list(parts) if total is None
+                     else [a + b for a, b in zip(total, parts, strict=True)])
+        # the mean over every segment of the iteration, wherever it was computed
+        loss_t, grad_x, grad_y, grad_alpha = (t / config.segments for t in dist.sum(total))
+        loss = float(loss_t)
         finite = math.isfinite(loss) and all(
-            bool(torch.isfinite(g).all()) for g in (mg.grad_x, mg.grad_y, mg.grad_alpha))
+            bool(torch.isfinite(g).all()) for g in (grad_x, grad_y, grad_alpha))
         before = _clone(state.state_dict())
         problem = None
         if not finite:
             problem = f"the matching loss or its gradient became non-finite (loss {loss})"
         else:
-            state.step(mg.grad_x, mg.grad_y, mg.grad_alpha)
+            state.step(grad_x, grad_y, grad_alpha.reshape(()))
             alpha = float(state.alpha)
             if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
                 what = "exploded" if not alpha < alpha0 else "collapsed"
@@ -284,9 +312,12 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
                 f"is kept in {partial}; start again with a lower --lr-img / --lr-lr (now "
                 f"{config.lr_img:g} / {config.lr_lr:g}) and --overwrite"
             )
-        append_jsonl(partial / "metrics.jsonl", {"iteration": it + 1, "loss": loss,
-                                                  "lr": alpha, "expert": segment.expert,
-                                                  "start_epoch": segment.start_epoch})
+        if dist.rank == 0:
+            segments = [(s.expert, s.start_epoch) for s in mine]  # rank 0's share
+            append_jsonl(partial / "metrics.jsonl", {
+                "iteration": it + 1, "loss": loss, "lr": alpha,
+                "expert": segments[0][0], "start_epoch": segments[0][1],
+                **({"segments": segments} if len(segments) > 1 else {})})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{alpha:.4g}")
         if time.time() - last_ckpt >= 60 * config.checkpoint_minutes:
@@ -296,6 +327,8 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
 
     final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
                                       float(state.alpha), device, objective.loss)
+    if not dist.is_main:  # every rank holds the same set; rank 0 writes it
+        return {"out": str(out), "rank": dist.rank, "probe_final": final_probe}
     history = {}
     for row in read_jsonl(partial / "metrics.jsonl"):  # later rows win after a resume
         if row["iteration"] <= config.iterations:
@@ -318,6 +351,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         "matching_loss_initial": initial_probe,
         "matching_loss_final": final_probe,
         "seed": config.seed,
+        "processes": dist.world,
         "teach_config": opened.teach_config,
         "environment": {**environment_record(), "command": command},
     }

@@ -79,6 +79,7 @@ def _teach_flags(args: argparse.Namespace) -> dict:
 
 def cmd_teach(args: argparse.Namespace) -> int:
     from ddkd.config import TeachConfig, build_config, merge, parse_overrides, to_json
+    from ddkd.distributed import join
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.teach.runner import run_teach
 
@@ -91,15 +92,17 @@ def cmd_teach(args: argparse.Namespace) -> int:
         recipe_data.pop("subset", None)
     values = merge(values, parse_overrides(args.set or []))
     config = build_config(TeachConfig, merge(values, _teach_flags(args)))
-    device = resolve_device(args.device)
+    dist, device = join(args.devices, args.num_nodes, resolve_device(args.device))
     seed_everything(config.seed)
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in config.data.dataset)
     out = Path(args.out) if args.out else Path("runs") / f"teach-{slug}-seed{config.seed}"
     logging.getLogger(__name__).info("recipe %s, device %s, run directory %s", recipe, device, out)
     logging.getLogger(__name__).debug("resolved configuration:\n%s", to_json(config))
     summary = run_teach(config, out, device, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress, command=sys.argv, recipe=str(recipe))
-    _print_teach_summary(summary)
+                        progress=not args.no_progress, command=sys.argv, recipe=str(recipe),
+                        dist=dist)
+    if dist.is_main:
+        _print_teach_summary(summary)
     return 0
 
 
@@ -283,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "2022: SVD-aligned, power-temperature-scaled targets, pre-ReLU student), "
                        "tcs (Zhou et al. 2024: PCA coordinates + direction hashing), ssld "
                        "(Cui et al. 2021: symmetric KL over cosine similarities to anchors)")
+    teach.add_argument("--devices", type=int, default=1,
+                       help="processes on this node (GPUs, or CPU processes with gloo); the "
+                       "experts are shared out among them (Lightning Fabric; under torchrun "
+                       "or srun, the number it started per node). The teacher must exist "
+                       "already (shipped or --teacher-checkpoint)")
+    teach.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun or SLURM)")
     teach.add_argument("--experts-per-batch", type=int,
                        help="students trained at once by one batched (vmap) forward; the "
                        "trajectories equal those of one-by-one training to float tolerance. "

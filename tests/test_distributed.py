@@ -1,4 +1,5 @@
-"""Data-parallel synthesize: two real CPU processes (gloo, launched by Lightning Fabric)."""
+"""Data-parallel teach and synthesize: two real CPU processes (gloo, launched by Lightning
+Fabric), compared with one process."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ import torch
 
 from conftest import TINY_TEACH
 from ddkd.cli import main
+from ddkd.io.experts import ExpertsFile
 from ddkd.io.synthset import load_synthset
 
 SYNTH = ["--ipc", "2", "--iterations", "3", "--syn-steps", "2", "--expert-epochs", "1",
@@ -67,3 +69,36 @@ def test_segments_must_divide_among_processes(tiny_run, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--segments 3 cannot be shared by 2 processes"):
         run_synthesize(config, tiny_run, tmp_path / "x.h5", torch.device("cpu"),
                        dist=Ranks(rank=0, world=2))
+
+
+def test_two_processes_share_the_experts(tiny_run, tmp_path):
+    # The teacher of the tiny run, brought as a checkpoint (teach --devices trains none).
+    common = [a for a in TINY_TEACH if a not in ("--train-teacher", "--teacher-epochs", "1")]
+    common += ["--experts", "3", "--teacher-checkpoint", str(tiny_run / "teacher.h5"),
+               "--dataset", f"imagefolder:{tiny_run.parent / 'data'}"]
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    assert main(["teach", "--out", str(single), *common]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ddkd.cli", "teach", "--out", str(parallel), *common,
+         "--devices", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with ExpertsFile(single / "experts.h5") as a, ExpertsFile(parallel / "experts.h5") as b:
+        assert len(a) == len(b) == 3
+        for k in range(3):  # rank k % 2 trained expert k, from the same streams
+            torch.testing.assert_close(b.trajectory(k), a.trajectory(k), rtol=1e-4, atol=1e-5)
+    assert (parallel / "summary.json").is_file() and not (parallel / "experts.partial").exists()
+
+
+def test_teach_refuses_to_train_a_teacher_on_several_processes(tiny_run, tmp_path):
+    from ddkd.config import DataConfig, TeachConfig, TeacherConfig
+    from ddkd.errors import ConfigError
+    from ddkd.runtime import Ranks
+    from ddkd.teach.runner import run_teach
+
+    config = TeachConfig(data=DataConfig(dataset=f"imagefolder:{tiny_run.parent / 'data'}"),
+                         teacher=TeacherConfig(source="train", epochs=1, base_width=4))
+    with pytest.raises(ConfigError, match="training the teacher on 2 processes"):
+        run_teach(config, tmp_path / "r", torch.device("cpu"), dist=Ranks(rank=0, world=2))
+    assert not (tmp_path / "r").exists()

@@ -39,7 +39,7 @@ from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet
 from ddkd.objectives import Objective, build_objective, student_output
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
 from ddkd.teach.experts import default_experts_per_batch, init_student, train_experts
@@ -127,9 +127,17 @@ def run_teach(
     progress: bool = True,
     command: list[str] | None = None,
     recipe: str | None = None,
+    dist: Ranks | None = None,
 ) -> dict:
-    """Run ``ddkd teach`` into ``out``; returns the summary (also written to summary.json)."""
+    """Run ``ddkd teach`` into ``out``; returns the summary (also written to summary.json).
+
+    ``dist`` (``--devices``): the experts are shared out across processes (expert k is
+    trained by rank k mod world size, each writes its own shards, rank 0 assembles them);
+    the teacher must already exist (shipped or a checkpoint), and rank 0 alone computes the
+    targets and the kNN report and writes every other file.
+    """
     t_start = time.time()
+    dist = dist or Ranks()
     # Everything that can fail on user input is checked before the run directory is touched.
     full_train = load_dataset(config.data.dataset, "train", config.data.data_root)
     test = load_dataset(config.data.dataset, "test", config.data.data_root)
@@ -138,7 +146,15 @@ def run_teach(
     teacher = _resolve_teacher(config, train)
     student_config(config, train.shape, teacher.dim)  # validates the student before writing
     objective = _objective(config, teacher.dim, len(train))
-    run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
+    if dist.world > 1 and config.teacher.source == "train":
+        raise ConfigError(f"--devices: training the teacher on {dist.world} processes is not "
+                          "supported yet; train it in a run of its own (e.g. --experts 0), "
+                          "then pass its teacher.h5 as --teacher-checkpoint")
+    if dist.is_main:
+        run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
+    dist.barrier()
+    if not dist.is_main:
+        run = RunDir(Path(out))
     if run.is_complete():
         log.info("run %s is already complete", run.root)
         return json.loads(run.summary.read_text())
@@ -160,7 +176,8 @@ def run_teach(
             raise ConfigError(f"--resume: the inputs differ from those of the run in {run.root} "
                               f"({', '.join(changed)}): the dataset or teacher file changed; "
                               "start a new run")
-    write_json(run.environment, env)
+    if dist.is_main:
+        write_json(run.environment, env)
     teacher.net.to(device)
 
     # Phase 1: the teacher.
@@ -174,6 +191,9 @@ def run_teach(
 
     # Phase 2: the targets (and the ZCA transform of the experts' inputs, if asked for).
     # The objective is fitted once on the teacher's features; its state is saved with them.
+    # Rank 0 computes them; the other processes read its files.
+    if not dist.is_main:
+        dist.barrier()  # rank 0: targets and teacher.h5 written
     if run.targets.is_file():
         z_train, _, _ = load_targets(run.targets)
         zca_tensors = load_zca(run.targets)
@@ -194,7 +214,7 @@ def run_teach(
                         student_output(objective, config.student.width))
 
     # Phase 3: what the teacher's features are worth (saved with the teacher).
-    if not run.teacher.is_file():
+    if not run.teacher.is_file() and dist.is_main:
         knn = _knn_report(config, teacher, train, test, z_train, device)
         meta = {**teacher.meta, "normalization": asdict(teacher.normalize), "knn": knn,
                 "source": config.teacher.source, "source_file": env["inputs"]["teacher_file"],
@@ -205,6 +225,10 @@ def run_teach(
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # teacher.h5 supersedes them
         teacher.meta = meta
         append_jsonl(run.metrics, {"phase": "knn", **knn})
+    if dist.is_main:
+        dist.barrier()  # the others may read the targets and the teacher now
+    else:
+        teacher.meta = load_weights(run.teacher)[3]
     knn = teacher.meta["knn"]
     log.info("kNN accuracy on %s test (k=%d): teacher %.2f%%, random-init network %.2f%%, "
              "raw pixels %.2f%%", config.data.dataset, config.teacher.knn_k,
@@ -212,7 +236,9 @@ def run_teach(
 
     # Phase 4: the experts.
     expert_losses = _record_experts(config, sc, train, objective, z_train, teacher.normalize,
-                                    zca, run, device, progress)
+                                    zca, run, device, progress, dist)
+    if not dist.is_main:
+        return {"run": str(run.root), "rank": dist.rank}
     summary = {
         "run": str(run.root),
         "dataset": config.data.dataset,
@@ -307,7 +333,7 @@ def _objective(config: TeachConfig, teacher_dim: int, num_train: int) -> Objecti
 def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                     objective: Objective, z_train: torch.Tensor,
                     normalize: Normalization, zca: ZCA | None, run: RunDir,
-                    device: torch.device, progress: bool) -> list[float]:
+                    device: torch.device, progress: bool, dist: Ranks) -> list[float]:
     """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses."""
     ec = config.experts
     if ec.num_experts == 0:
@@ -317,9 +343,12 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
         if zca is not None:
             x_train = zca(x_train)
         z_dev = objective.targets(z_train).to(device)  # in the objective's target space
-        run.expert_shards.mkdir(exist_ok=True)
+        if dist.is_main:
+            run.expert_shards.mkdir(exist_ok=True)
+        dist.barrier()
         shards = [run.expert_shards / f"expert_{k:04d}.h5" for k in range(ec.num_experts)]
-        todo = [k for k in range(ec.num_experts) if not shards[k].is_file()]
+        todo = [k for k in range(ec.num_experts)
+                if k % dist.world == dist.rank and not shards[k].is_file()]
         per_batch = ec.per_batch or default_experts_per_batch(device)
         log.info("training %d experts, %d at a time", len(todo), per_batch)
         bar = _bar(len(todo) * ec.epochs, "experts", "epoch", progress)
@@ -339,6 +368,10 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                 write_expert_shard(shards[k], trajectory, losses, seed=config.seed,
                                    dtype=ec.dtype)
         bar.close()
+        dist.barrier()  # every process's shards are written
+        if not dist.is_main:
+            dist.barrier()
+            return []
         spec = ParamSpec.of(init_student(sc, config.seed, 0))
         header = ExpertsHeader(
             num_experts=ec.num_experts, epochs=ec.epochs, n_params=spec.numel, dtype=ec.dtype,
@@ -346,5 +379,6 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
             objective=ec.objective, seed=config.seed,
         )
         assemble_experts(run.experts, run.expert_shards, header)
+        dist.barrier()  # experts.h5 is complete
     with ExpertsFile(run.experts) as experts:
         return [float(experts.losses(k)[-1]) for k in range(len(experts))]

@@ -212,10 +212,11 @@ def _run_recipe(run: str) -> Path | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddkd.distributed import join
     from ddkd.eval.runner import run_evaluate
     from ddkd.runtime import resolve_device
 
-    device = resolve_device(args.device)
+    dist, device = join(args.devices, args.num_nodes, resolve_device(args.device))
     summary = run_evaluate(
         sets=args.sets, run_dir=args.run,
         baselines=None if args.baselines is None else _csv(args.baselines),
@@ -223,7 +224,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds, archs=_csv(args.arch), probe=args.probe, out=args.out,
         device=device, data_root=args.data_root, epochs=args.epochs,
         stratified=not args.uniform, progress=not args.no_progress, command=sys.argv,
+        dist=dist,
     )
+    if not dist.is_main:
+        return 0
     print(f"ddkd evaluate: {summary['rows']} probes in {summary['seconds']:.0f}s -> "
           f"{summary['out']}/results.{{json,csv,md,png}}\n\n{summary['table']}")
     return 0
@@ -398,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--uniform", action="store_true",
                     help="draw labels uniformly as MKDT did (default: class-stratified)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ev.add_argument("--devices", type=int, default=1,
+                    help="processes on this node; the (method, arch, seed) encoders are dealt "
+                    "out among them (Lightning Fabric; torchrun or srun: the number per node)")
+    ev.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun or SLURM)")
     ev.add_argument("--out", default="runs/eval", help="output folder")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)

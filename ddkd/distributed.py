@@ -37,5 +37,10 @@ def join(devices: int, num_nodes: int, device: torch.device) -> tuple[Ranks, tor
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(tensor, reduce_op="sum")
 
-    return Ranks(fabric.global_rank, fabric.world_size, all_reduce_sum, fabric.barrier), \
-        fabric.device
+    def all_gather(obj: object) -> list:  # Fabric gathers tensors only; rows are dicts
+        gathered: list = [None] * fabric.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    return Ranks(fabric.global_rank, fabric.world_size, all_reduce_sum, fabric.barrier,
+                 all_gather), fabric.device

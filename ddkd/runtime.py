@@ -128,6 +128,7 @@ class Ranks:
     world: int = 1
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
     barrier: Callable[[], None] = lambda: None
+    all_gather: Callable[[object], list] | None = None  # picklable objects, one per rank
 
     @property
     def is_main(self) -> bool:
@@ -138,3 +139,9 @@ class Ranks:
         if self.world == 1 or self.all_reduce_sum is None:
             return tensors
         return [self.all_reduce_sum(t) for t in tensors]
+
+    def gather(self, obj: object) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` on one)."""
+        if self.world == 1 or self.all_gather is None:
+            return [obj]
+        return self.all_gather(obj)

@@ -1,6 +1,7 @@
 """Data-parallel teach and synthesize: two real CPU processes (gloo, launched by Lightning
 Fabric), compared with one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,24 @@ def test_teach_refuses_to_train_a_teacher_on_several_processes(tiny_run, tmp_pat
     with pytest.raises(ConfigError, match="training the teacher on 2 processes"):
         run_teach(config, tmp_path / "r", torch.device("cpu"), dist=Ranks(rank=0, world=2))
     assert not (tmp_path / "r").exists()
+
+
+def test_two_processes_share_the_evaluation(tiny_run, tmp_path):
+    synth = tmp_path / "set.h5"
+    assert main(["synthesize", "--run", str(tiny_run), "--out", str(synth), *SYNTH]) == 0
+    args = [str(synth), "--baselines", "none,random", "--fractions", "0.25,0.5", "--seeds",
+            "2", "--epochs", "2", "--probe", "knn", "--no-progress"]
+    assert main(["evaluate", *args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ddkd.cli", "evaluate", *args, "--out", str(tmp_path / "two"),
+         "--devices", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+    key = ("method", "arch", "seed", "downstream", "fraction", "labels")
+    assert [tuple(r[k] for k in key) for r in two] == [tuple(r[k] for k in key) for r in one]
+    assert len(two) == 3 * 2 * 2  # every job once, none twice
+    for a, b in zip(one, two, strict=True):  # float round-off cannot move a kNN vote far
+        assert abs(a["accuracy"] - b["accuracy"]) <= 0.05

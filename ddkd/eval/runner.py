@@ -35,7 +35,7 @@ from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet, ResNetConfig
 from ddkd.objectives import Objective, restore_objective
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import environment_record, make_generator, sha256_file
+from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.subsets import high_loss_indices
 
@@ -193,9 +193,15 @@ def run_evaluate(
     stratified: bool = True,
     progress: bool = True,
     command: list[str] | None = None,
+    dist: Ranks | None = None,
 ) -> dict:
-    """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md} into ``out``."""
+    """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md,png} into ``out``.
+
+    ``dist`` (``--devices``): the (method, architecture, seed) encoders are dealt out across
+    processes (job i to rank i mod world size); rank 0 gathers every row and writes.
+    """
     t0 = time.time()
+    dist = dist or Ranks()
     unknown = [b for b in baselines or [] if b not in BASELINES]
     if unknown:
         raise ConfigError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
@@ -253,9 +259,10 @@ def run_evaluate(
     jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in methods
             for a in (archs[:1] if m.fixed_encoder is not None else archs)
             for s in range(seeds)]
-    bar = tqdm(jobs, desc="evaluate", unit="encoder", leave=False,
-               disable=not (progress and sys.stderr.isatty()))
-    for method, arch, seed in bar:
+    mine = [(i, job) for i, job in enumerate(jobs) if i % dist.world == dist.rank]
+    bar = tqdm(mine, desc="evaluate", unit="encoder", leave=False,
+               disable=not (progress and dist.is_main and sys.stderr.isatty()))
+    for job_index, (method, arch, seed) in bar:
         bar.set_postfix(method=method.name[:24], arch=arch, seed=seed)
         encoder, pretrain_loss = _encoder(method, arch, seed, shape, student, epochs, device)
         for task, (train, test) in tasks.items():
@@ -278,8 +285,16 @@ def run_evaluate(
                 rows.append({"method": method.name, "arch": arch, "seed": seed,
                              "downstream": task, "fraction": fraction, "labels": len(idx),
                              "accuracy": acc, "probe": probe, "lr": method.lr,
-                             "pretrain_final_loss": pretrain_loss})
+                             "pretrain_final_loss": pretrain_loss,
+                             "_order": (job_index, len(rows))})
     bar.close()
+    if dist.world > 1:  # every process's rows, in the order one process writes them
+        rows = sorted((r for part in dist.gather(rows) for r in part),
+                      key=lambda r: r["_order"])
+        if not dist.is_main:
+            return {"out": str(out), "rank": dist.rank}
+    for r in rows:
+        del r["_order"]
     table = markdown_table(rows, fractions, list(tasks))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

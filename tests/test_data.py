@@ -120,3 +120,43 @@ def test_zca_whitens_and_undoes():
     cov = white.T @ white / (len(white) - 1)
     assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=1e-2)
     assert torch.allclose(zca.undo(zca(x)), x, atol=1e-4)
+
+
+def _tiny_imagenet(root, wnids=("n01", "n02"), per_class=3):
+    """The tiny-imagenet-200 layout, with 64x64 images (one of them greyscale, as in the real
+    set)."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(0)
+    lines = []
+    for c, wnid in enumerate(wnids):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            mode = "L" if (c, i) == (0, 0) else "RGB"
+            shape = (64, 64) if mode == "L" else (64, 64, 3)
+            pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(pixels, mode).save(folder / f"{wnid}_{i}.JPEG")
+            Image.fromarray(pixels, mode).save(base / "val" / "images" / f"val_{c}_{i}.JPEG")
+            lines.append(f"val_{c}_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    root = _tiny_imagenet(tmp_path)
+    train = load_dataset("tiny-imagenet", "train", str(root))
+    test = load_dataset("tiny-imagenet", "test", str(root))
+    assert train.images.shape == (6, 3, 64, 64) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and train.num_classes == 2
+    assert test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    grey = train.images[0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])  # grey -> RGB
+
+
+def test_tiny_imagenet_missing_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match="unpack tiny-imagenet-200.zip"):
+        load_dataset("tiny-imagenet", "train", str(tmp_path))

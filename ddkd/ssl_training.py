@@ -21,7 +21,7 @@ from torch import nn
 
 from ddkd.data.transforms import Normalization, ssl_augmentation
 from ddkd.errors import TrainingError
-from ddkd.runtime import make_generator
+from ddkd.runtime import Ranks, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class SSLSchedule:
 class SSLModel(nn.Module):
     """Backbone + lightly projection head (+ predictor and momentum copy for BYOL)."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, method: str, proj_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, method: str, proj_dim: int,
+                 gather_distributed: bool = False):
         super().__init__()
         from lightly import loss as L
         from lightly.models.modules import heads as H
@@ -55,19 +56,25 @@ class SSLModel(nn.Module):
         hidden = proj_dim
         if method == "barlowtwins":
             self.head = H.BarlowTwinsProjectionHead(feature_dim, hidden, proj_dim)
-            self.criterion = L.BarlowTwinsLoss()
+            self.criterion = L.BarlowTwinsLoss(gather_distributed=gather_distributed)
         elif method == "simclr":
             self.head = H.SimCLRProjectionHead(feature_dim, hidden, 128)
-            self.criterion = L.NTXentLoss(temperature=0.2)
+            self.criterion = L.NTXentLoss(temperature=0.2,
+                                          gather_distributed=gather_distributed)
         elif method == "vicreg":
             self.head = H.VICRegProjectionHead(feature_dim, hidden, proj_dim)
-            self.criterion = L.VICRegLoss()
+            self.criterion = L.VICRegLoss(gather_distributed=gather_distributed)
         else:  # byol
             self.head = H.BYOLProjectionHead(feature_dim, hidden, 256)
             self.predictor = H.BYOLPredictionHead(256, hidden, 256)
             self.criterion = L.NegativeCosineSimilarity()
             self.backbone_momentum = copy.deepcopy(backbone).requires_grad_(False)
             self.head_momentum = copy.deepcopy(self.head).requires_grad_(False)
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor,
+                progress: float) -> torch.Tensor:
+        """The loss (``forward``, so that a DistributedDataParallel wrapper sees the step)."""
+        return self.loss(view_a, view_b, progress)
 
     def loss(self, view_a: torch.Tensor, view_b: torch.Tensor, progress: float) -> torch.Tensor:
         """SSL loss of two augmented views ``(B, C, H, W)``; ``progress`` in [0, 1] (BYOL tau)."""
@@ -115,8 +122,18 @@ class SSLTrainer:
         device: torch.device,
         seed: int,
         proj_dim: int = 1024,
+        dist: Ranks | None = None,
     ):
-        self.model = SSLModel(backbone, feature_dim, method, proj_dim).to(device)
+        self.dist = dist or Ranks()
+        self.model = SSLModel(backbone, feature_dim, method, proj_dim,
+                              gather_distributed=self.dist.world > 1).to(device)
+        # Several processes: DDP averages the gradients; lightly's losses gather the other
+        # processes' embeddings (negatives, cross-correlation) so the batch is the global one.
+        self.step_model = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_model = DistributedDataParallel(self.model)
         self.schedule = schedule
         self.normalize = normalize
         self.augment = ssl_augmentation(image_shape[0], image_shape[1]).to(device)
@@ -160,20 +177,23 @@ class SSLTrainer:
         # kornia draws from the global RNG: fork it so the epoch is reproducible on its own.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            # each process draws its own augmentations (process 0 as a single process would)
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + self.dist.rank)
             for i in range(steps_per_epoch):
                 step = self.epoch * steps_per_epoch + i
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, self.base_lr)
                 idx = order[i * batch : (i + 1) * batch]
+                idx = idx[self.dist.rank :: self.dist.world]  # this process's share
                 x = images[idx].to(self.device, non_blocking=True).float() / 255.0
                 view_a = self.normalize(self.augment(x))
                 view_b = self.normalize(self.augment(x))
-                loss = self.model.loss(view_a, view_b, progress=step / total)
+                loss = self.step_model(view_a, view_b, step / total)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                value = loss.item()
+                value = loss.item() if self.dist.world == 1 else \
+                    float(self.dist.sum([loss.detach().reshape(1)])[0]) / self.dist.world
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"teacher SSL loss became {value} at epoch {self.epoch + 1}, step {i + 1}; "

@@ -2,6 +2,7 @@
 Fabric), compared with one process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from conftest import TINY_TEACH
 from ddkd.cli import main
 from ddkd.io.experts import ExpertsFile
 from ddkd.io.synthset import load_synthset
+from ddkd.io.weights import load_weights
 
 SYNTH = ["--ipc", "2", "--iterations", "3", "--syn-steps", "2", "--expert-epochs", "1",
          "--max-start-epoch", "1", "--no-progress"]
@@ -92,17 +94,26 @@ def test_two_processes_share_the_experts(tiny_run, tmp_path):
     assert (parallel / "summary.json").is_file() and not (parallel / "experts.partial").exists()
 
 
-def test_teach_refuses_to_train_a_teacher_on_several_processes(tiny_run, tmp_path):
-    from ddkd.config import DataConfig, TeachConfig, TeacherConfig
-    from ddkd.errors import ConfigError
-    from ddkd.runtime import Ranks
-    from ddkd.teach.runner import run_teach
-
-    config = TeachConfig(data=DataConfig(dataset=f"imagefolder:{tiny_run.parent / 'data'}"),
-                         teacher=TeacherConfig(source="train", epochs=1, base_width=4))
-    with pytest.raises(ConfigError, match="training the teacher on 2 processes"):
-        run_teach(config, tmp_path / "r", torch.device("cpu"), dist=Ranks(rank=0, world=2))
-    assert not (tmp_path / "r").exists()
+@pytest.mark.parametrize("ssl", ["barlowtwins", "simclr"])
+def test_two_processes_train_one_teacher(tiny_run, tmp_path, ssl):
+    # DDP with lightly's gathered losses: the processes end with one set of weights (teach
+    # checks it and fails otherwise), the run completes, and the teacher did learn.
+    folder = tiny_run.parent / "data"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "ddkd.cli", "teach", "--dataset", f"imagefolder:{folder}",
+         "--out", str(out), *TINY_TEACH, "--teacher-epochs", "2", "--ssl", ssl,
+         "--devices", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r["phase"] == "teacher"]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))  # one line per epoch
+    state, _, _, meta = load_weights(out / "teacher.h5")
+    assert meta["ssl"] == ssl and (out / "summary.json").is_file()
+    untrained = load_weights(tiny_run / "teacher.h5")[0]
+    assert any(not torch.equal(state[k], untrained[k]) for k in state)
 
 
 def test_two_processes_share_the_evaluation(tiny_run, tmp_path):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ddkd.config import TeachConfig, to_dict
 from ddkd.data.datasets import ImageTensors, load_dataset
 from ddkd.data.transforms import ZCA, Normalization
-from ddkd.errors import ConfigError
+from ddkd.errors import ConfigError, TrainingError
 from ddkd.io.atomic import append_jsonl, atomic_path, write_json
 from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
 from ddkd.io.run import (
@@ -146,10 +146,6 @@ def run_teach(
     teacher = _resolve_teacher(config, train)
     student_config(config, train.shape, teacher.dim)  # validates the student before writing
     objective = _objective(config, teacher.dim, len(train))
-    if dist.world > 1 and config.teacher.source == "train":
-        raise ConfigError(f"--devices: training the teacher on {dist.world} processes is not "
-                          "supported yet; train it in a run of its own (e.g. --experts 0), "
-                          "then pass its teacher.h5 as --teacher-checkpoint")
     if dist.is_main:
         run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
     dist.barrier()
@@ -186,7 +182,7 @@ def run_teach(
         teacher.net.load_state_dict(state)
         teacher.meta = meta
     elif config.teacher.source == "train":
-        _train_teacher(config, teacher, train, run, device, progress)
+        _train_teacher(config, teacher, train, run, device, progress, dist)
     teacher.net.eval()
 
     # Phase 2: the targets (and the ZCA transform of the experts' inputs, if asked for).
@@ -255,30 +251,47 @@ def run_teach(
     return summary
 
 
+def _check_in_step(net: torch.nn.Module, dist: Ranks) -> None:
+    """Processes that trained one network data-parallel must hold the same weights."""
+    if dist.world == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum()
+    mean = float(dist.sum([total.reshape(1)])[0]) / dist.world
+    if abs(float(total) - mean) > 1e-6 * max(1.0, abs(mean)):
+        raise TrainingError(f"process {dist.rank}'s teacher weights differ from the others' "
+                            "after data-parallel training (parameter sum "
+                            f"{float(total):.8g}, mean over processes {mean:.8g})")
+
+
 def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, run: RunDir,
-                   device: torch.device, progress: bool) -> None:
+                   device: torch.device, progress: bool, dist: Ranks) -> None:
     tc = config.teacher
+    if tc.batch_size < 2 * dist.world:
+        raise ConfigError(f"teacher.batch_size {tc.batch_size} leaves fewer than 2 images per "
+                          f"process on {dist.world} processes")
     trainer = SSLTrainer(
         teacher.net, teacher.net.config.feature_dim, tc.ssl,
         SSLSchedule(tc.epochs, tc.batch_size, tc.lr, tc.weight_decay),
-        teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim,
+        teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim, dist=dist,
     )
     ckpt = run.checkpoints / "teacher.pt"
     if ckpt.is_file():
         trainer.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         log.info("resuming teacher training after epoch %d", trainer.epoch)
     steps = max(1, len(train) // min(tc.batch_size, len(train)))
-    bar = _bar(tc.epochs * steps, f"teacher ({tc.ssl})", "step", progress)
+    bar = _bar(tc.epochs * steps, f"teacher ({tc.ssl})", "step", progress and dist.is_main)
     bar.update(trainer.epoch * steps)
     while trainer.epoch < tc.epochs:
         t0 = time.time()
         loss = trainer.train_epoch(train.images, on_step=lambda i, v: (
             bar.update(1), bar.set_postfix(epoch=trainer.epoch + 1, loss=f"{v:.3g}")))
-        append_jsonl(run.metrics, {"phase": "teacher", "epoch": trainer.epoch, "loss": loss,
-                                   "seconds": round(time.time() - t0, 2)})
-        with atomic_path(ckpt) as tmp:
-            torch.save(trainer.state_dict(), tmp)
+        if dist.is_main:
+            append_jsonl(run.metrics, {"phase": "teacher", "epoch": trainer.epoch,
+                                       "loss": loss, "seconds": round(time.time() - t0, 2)})
+            with atomic_path(ckpt) as tmp:
+                torch.save(trainer.state_dict(), tmp)
     bar.close()
+    _check_in_step(teacher.net, dist)
     recalibrate_batchnorm(teacher.net, train.images, teacher.normalize, device)
     teacher.meta = {"ssl": tc.ssl, "epochs": tc.epochs, "seed": config.seed,
                     "dataset": config.data.dataset}

@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_TEACH
 from ddkd.cli import main
 from ddkd.io.experts import ExpertsFile
+from ddkd.io.run import load_targets
 from ddkd.io.synthset import load_synthset
 from ddkd.io.weights import load_weights
 
@@ -74,7 +75,7 @@ def test_segments_must_divide_among_processes(tiny_run, tmp_path, capsys):
                        dist=Ranks(rank=0, world=2))
 
 
-def test_two_processes_share_the_experts(tiny_run, tmp_path):
+def test_two_processes_share_the_targets_and_the_experts(tiny_run, tmp_path):
     # The teacher of the tiny run, brought as a checkpoint (teach --devices trains none).
     common = [a for a in TINY_TEACH if a not in ("--train-teacher", "--teacher-epochs", "1")]
     common += ["--experts", "3", "--teacher-checkpoint", str(tiny_run / "teacher.h5"),
@@ -87,6 +88,9 @@ def test_two_processes_share_the_experts(tiny_run, tmp_path):
          "--devices", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    # each process computed the targets of every second image; gathered, they are the same
+    torch.testing.assert_close(load_targets(parallel / "targets.h5")[0],
+                               load_targets(single / "targets.h5")[0], rtol=1e-5, atol=1e-6)
     with ExpertsFile(single / "experts.h5") as a, ExpertsFile(parallel / "experts.h5") as b:
         assert len(a) == len(b) == 3
         for k in range(3):  # rank k % 2 trained expert k, from the same streams

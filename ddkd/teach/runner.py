@@ -187,25 +187,30 @@ def run_teach(
 
     # Phase 2: the targets (and the ZCA transform of the experts' inputs, if asked for).
     # The objective is fitted once on the teacher's features; its state is saved with them.
-    # Rank 0 computes them; the other processes read its files.
-    if not dist.is_main:
-        dist.barrier()  # rank 0: targets and teacher.h5 written
-    if run.targets.is_file():
-        z_train, _, _ = load_targets(run.targets)
-        zca_tensors = load_zca(run.targets)
-        zca = ZCA(**zca_tensors, eps=config.data.zca_eps) if zca_tensors else None
-        objective.load_state_dict(load_objective_state(run.targets)[1])
-    else:
-        bar = _bar(len(train), "targets", "img", progress)
-        z_train = compute_targets(teacher.net, train.images, teacher.normalize, device,
+    # Several processes: each computes the features of its share of the images (every
+    # world-th one), all gather them, and rank 0 fits and writes; the others read its file.
+    if not run.targets.is_file():
+        share = torch.arange(dist.rank, len(train), dist.world)
+        bar = _bar(len(share), "targets", "img", progress and dist.is_main)
+        z_share = compute_targets(teacher.net, train.images[share], teacher.normalize, device,
                                   on_batch=bar.update)
         bar.close()
-        zca = (ZCA.fit(teacher.normalize(train.images), config.data.zca_eps)
-               if config.data.zca else None)
-        objective.fit(z_train, make_generator(config.seed, _STREAM_OBJECTIVE))
-        save_targets(run.targets, z_train, indices, {"normalization": asdict(teacher.normalize),
-                                                     "teacher": teacher.arch},
-                     zca.tensors() if zca else None, objective.name, objective.state_dict())
+        z_train = torch.empty(len(train), z_share.shape[1])
+        for rank, part in enumerate(dist.gather(z_share)):
+            z_train[rank :: dist.world] = part
+        if dist.is_main:
+            zca = (ZCA.fit(teacher.normalize(train.images), config.data.zca_eps)
+                   if config.data.zca else None)
+            objective.fit(z_train, make_generator(config.seed, _STREAM_OBJECTIVE))
+            save_targets(run.targets, z_train, indices,
+                         {"normalization": asdict(teacher.normalize), "teacher": teacher.arch},
+                         zca.tensors() if zca else None, objective.name,
+                         objective.state_dict())
+        dist.barrier()  # targets.h5 is written
+    z_train, _, _ = load_targets(run.targets)
+    zca_tensors = load_zca(run.targets)
+    zca = ZCA(**zca_tensors, eps=config.data.zca_eps) if zca_tensors else None
+    objective.load_state_dict(load_objective_state(run.targets)[1])
     sc = student_config(config, train.shape, objective.student_dim,
                         student_output(objective, config.student.width))
 
@@ -221,9 +226,8 @@ def run_teach(
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # teacher.h5 supersedes them
         teacher.meta = meta
         append_jsonl(run.metrics, {"phase": "knn", **knn})
-    if dist.is_main:
-        dist.barrier()  # the others may read the targets and the teacher now
-    else:
+    dist.barrier()  # teacher.h5 (with the kNN report) is written
+    if not dist.is_main:
         teacher.meta = load_weights(run.teacher)[3]
     knn = teacher.meta["knn"]
     log.info("kNN accuracy on %s test (k=%d): teacher %.2f%%, random-init network %.2f%%, "

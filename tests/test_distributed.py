@@ -4,6 +4,7 @@ Fabric), compared with one process."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,24 @@ def test_two_processes_share_the_evaluation(tiny_run, tmp_path):
     assert len(two) == 3 * 2 * 2  # every job once, none twice
     for a, b in zip(one, two, strict=True):  # float round-off cannot move a kNN vote far
         assert abs(a["accuracy"] - b["accuracy"]) <= 0.05
+
+
+def test_torchrun_launch_equals_the_fabric_launch(tiny_run, tmp_path):
+    # torchrun starts both processes itself; Fabric joins its group instead of launching.
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for how in ("fabric", "torchrun"):
+        outs[how] = tmp_path / f"{how}.h5"
+        argv = ["synthesize", "--run", str(tiny_run), "--out", str(outs[how]), *SYNTH,
+                "--devices", "2", "--device", "cpu"]
+        launcher = ([torchrun, "--nproc-per-node", "2", "-m", "ddkd.cli", "--"]
+                    if how == "torchrun" else [sys.executable, "-m", "ddkd.cli"])
+        done = subprocess.run(launcher + argv, capture_output=True, text=True, timeout=300,
+                              env=env, check=False, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_synthset(outs["fabric"]), load_synthset(outs["torchrun"])
+    assert b.provenance["processes"] == 2
+    torch.testing.assert_close(b.images, a.images, rtol=1e-5, atol=1e-5)

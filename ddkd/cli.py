@@ -92,7 +92,8 @@ def cmd_teach(args: argparse.Namespace) -> int:
         recipe_data.pop("subset", None)
     values = merge(values, parse_overrides(args.set or []))
     config = build_config(TeachConfig, merge(values, _teach_flags(args)))
-    dist, device = join(args.devices, args.num_nodes, resolve_device(args.device))
+    dist, device = join(args.devices, args.num_nodes, resolve_device(args.device),
+                        args.strategy)
     seed_everything(config.seed)
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in config.data.dataset)
     out = Path(args.out) if args.out else Path("runs") / f"teach-{slug}-seed{config.seed}"
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "processes) and the experts are shared out among them (Lightning "
                        "Fabric; under torchrun or srun, the number it started per node)")
     teach.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun or SLURM)")
+    teach.add_argument("--strategy", default="ddp", choices=("ddp",),
+                       help="Lightning Fabric's strategy for --devices/--num-nodes: ddp, the one "
+                       "ddkd's stages are written for (a process group for their all-reduce "
+                       "and gather; DDP for the teacher)")
     teach.add_argument("--experts-per-batch", type=int,
                        help="students trained at once by one batched (vmap) forward; the "
                        "trajectories equal those of one-by-one training to float tolerance. "

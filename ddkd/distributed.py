@@ -16,7 +16,8 @@ from ddkd.errors import ConfigError
 from ddkd.runtime import Ranks
 
 
-def join(devices: int, num_nodes: int, device: torch.device) -> tuple[Ranks, torch.device]:
+def join(devices: int, num_nodes: int, device: torch.device,
+         strategy: str = "ddp") -> tuple[Ranks, torch.device]:
     """Join (or launch) a group of ``devices`` processes on each of ``num_nodes`` nodes ->
     (this process's ranks, its device). One device on one node needs no group."""
     if devices < 1 or num_nodes < 1:
@@ -31,7 +32,7 @@ def join(devices: int, num_nodes: int, device: torch.device) -> tuple[Ranks, tor
         raise ConfigError(f"--devices {devices}: this node has {torch.cuda.device_count()} "
                           "CUDA devices")
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    strategy="ddp")
+                    strategy=strategy)
     fabric.launch()
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -108,14 +108,8 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
                 train_experts(cfg, ec, x, z, seed=0, ks=list(range(group)))
         base = _memory(device, reset=True)
         run()  # warm-up
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            run()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return {"seconds": min(times), "images_per_s": group * EXPERT_IMAGES / min(times),
+        best = _best_time(run, repeats, device)
+        return {"seconds": best, "images_per_s": group * EXPERT_IMAGES / best,
                 "peak_bytes": _memory(device) - base}
 
     gen = torch.Generator().manual_seed(1)
@@ -144,6 +138,12 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
     with _FlopCount() as counter:
         run()
     flops = counter.total
+    best = _best_time(run, repeats, device)
+    return {"seconds": best, "flops": flops, "peak_bytes": _memory(device) - base}
+
+
+def _best_time(run, repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` timed calls of ``run`` (device work included)."""
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -151,7 +151,7 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
         run()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "flops": flops, "peak_bytes": _memory(device) - base}
+    return min(times)
 
 
 class _FlopCount(TorchDispatchMode):

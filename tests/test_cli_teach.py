@@ -240,6 +240,23 @@ def test_existing_run_and_changed_resume(tiny_folder, tmp_path, capsys):
     assert (stranger / "precious.txt").exists()
 
 
+def test_run_of_an_older_version_resumes_when_new_settings_keep_their_defaults(
+        tiny_folder, tmp_path, capsys):
+    """A setting added after a run started is absent from its config.json: at its default the
+    run resumes (and its record is completed); at another value the difference is named."""
+    out = tmp_path / "run"
+    assert teach(tiny_folder, out) == 0
+    (out / "summary.json").unlink()
+    record = json.loads((out / "config.json").read_text())
+    del record["config"]["experts"]["anchors"]
+    (out / "config.json").write_text(json.dumps(record))
+    _fails(capsys, ["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(out),
+                    *TINY, "--resume", "--set", "experts.anchors=7"],
+           "experts.anchors: run has None, now 7")
+    assert teach(tiny_folder, out, "--resume") == 0
+    assert json.loads((out / "config.json").read_text())["config"]["experts"]["anchors"] == 100
+
+
 def test_console_script_help_is_fast_and_lists_the_contract():
     out = subprocess.run([sys.executable, "-m", "ddkd.cli", "teach", "--help"],
                          capture_output=True, text=True, check=True).stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,15 @@ class RunDir:
         return self.summary.is_file()
 
 
-def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite: bool) -> RunDir:
+def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite: bool,
+                    complete: Callable[[dict], dict] | None = None) -> RunDir:
     """Create ``root`` for a new run, or check it for ``--resume``.
 
     A new run refuses an existing non-empty directory unless ``overwrite`` (which deletes it,
     but only if it is a ddkd run directory). ``--resume`` requires the same configuration.
+    ``complete`` fills in the settings that an older ddkd did not record with their defaults,
+    so that a run started before a setting existed resumes when that setting is left at its
+    default (config.json is then rewritten with the complete configuration).
     """
     run = RunDir(Path(root))
     if run.root.exists() and not run.root.is_dir():
@@ -93,6 +98,15 @@ def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite
                 "start a new run there"
             )
         previous = json.loads(run.config.read_text())
+        if previous != record and complete is not None and previous.get("stage") == "teach":
+            try:
+                upgraded = {"stage": "teach", "config": complete(previous.get("config", {}))}
+            except ConfigError as err:
+                raise ConfigError(f"--resume: {run.config} does not describe a run this "
+                                  f"version of ddkd can continue ({err})") from err
+            if upgraded == record:
+                write_json(run.config, record)
+                previous = record
         if previous != record:
             diffs = _diff(previous.get("config", {}), config_dict)
             raise ConfigError(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddkd.config import TeachConfig, to_dict
+from ddkd.config import TeachConfig, build_config, to_dict
 from ddkd.data.datasets import ImageTensors, load_dataset
 from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
@@ -147,7 +147,8 @@ def run_teach(
     student_config(config, train.shape, teacher.dim)  # validates the student before writing
     objective = _objective(config, teacher.dim, len(train))
     if dist.is_main:
-        run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite)
+        run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite,
+                              complete=lambda old: to_dict(build_config(TeachConfig, old)))
     dist.barrier()
     if not dist.is_main:
         run = RunDir(Path(out))

@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the students' KD objective: mse (MKDT, default), kdep (He et al. "
                        "2022: SVD-aligned, power-temperature-scaled targets, pre-ReLU student), "
                        "tcs (Zhou et al. 2024: PCA coordinates + direction hashing), ssld "
-                       "(Cui et al. 2021: symmetric KL over cosine similarities to anchors)")
+                       "(Cui et al. 2021: symmetric KL over cosine similarities to anchors), skd "
+                       "(Kulkarni et al. 2019: block-by-block regression of the teacher's stages, "
+                       "then the mse stage, which is what the experts record)")
     teach.add_argument("--devices", type=int, default=1,
                        help="processes on this node (GPUs, or CPU processes with gloo): the "
                        "teacher trains data-parallel (DDP, lightly's losses gathered across "

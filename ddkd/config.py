@@ -120,11 +120,15 @@ class ExpertConfig:
     # The trajectories do not depend on it beyond float tolerance.
     per_batch: int = 0
     anchors: int = 100  # ssld: k-means anchors of the teacher features (~10 x the classes)
+    # skd: epochs of each block stage before the recorded global stage (sized for the CPU;
+    # Kulkarni et al. train every stage to convergence)
+    stage_epochs: int = 2
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
             raise ConfigError(f"--experts must be >= 0, got {self.num_experts}")
         _positive("experts.anchors", self.anchors)
+        _positive("experts.stage_epochs", self.stage_epochs)
         if self.per_batch < 0:
             raise ConfigError(f"--experts-per-batch must be >= 0 (0: the device's default), "
                               f"got {self.per_batch}")

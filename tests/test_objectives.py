@@ -28,6 +28,9 @@ def _features(n=400, seed=0):
 def _fitted(name):
     obj = build_objective(name, D)
     obj.fit(_features(), torch.Generator().manual_seed(1))
+    if name == "skd":  # its block stages' normalisers come from teacher maps (tests below)
+        obj.fit_stages([1, 3], [4, 2], [torch.randn(3), torch.randn(5)],
+                       [torch.rand(3) + 0.5, torch.rand(5) + 0.5])
     return obj
 
 
@@ -123,6 +126,9 @@ def test_fitted_state_round_trips(name):
     z = _features(32, seed=5)
     assert torch.equal(again.targets(z), obj.targets(z))
     assert again.student_dim == obj.student_dim
+    if name == "skd":
+        maps = torch.randn(2, 5, 4, 4)
+        assert torch.equal(again.stage_targets(1, maps), obj.stage_targets(1, maps))
 
 
 # --- through the stages: teach -> synthesize -> evaluate, for every objective -----------------
@@ -139,6 +145,21 @@ def test_every_objective_runs_through_the_pipeline(name, tiny_folder, tmp_path):
     with ExpertsFile(run / "experts.h5") as experts:
         assert experts.header.objective == name
         assert experts.header.student["output"] == ("prerelu" if name == "kdep" else "linear")
+        start = experts.snapshot(1, 0)
+    if name == "skd":  # the trajectory starts where the block stages left the student
+        from ddkd.models import ConvNetConfig
+        from ddkd.models.functional import flat_params
+        from ddkd.teach.experts import init_student
+
+        fresh = init_student(ConvNetConfig(**experts.header.student), 3, 1)
+        head = fresh.head.weight.numel() + fresh.head.bias.numel()  # the last parameters
+        fresh = flat_params(fresh)
+        assert not torch.equal(start[:-head], fresh[:-head])
+        assert torch.equal(start[-head:], fresh[-head:])  # the head is not in any block stage
+        stages = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        stages = [r for r in stages if r["phase"] == "expert-stage"]
+        assert {(r["expert"], r["stage"]) for r in stages} == {(k, s) for k in (0, 1)
+                                                               for s in (1, 2)}
     assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "1",
                  "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
                  "--max-start-epoch", "1", "--no-progress"]) == 0
@@ -169,3 +190,74 @@ def test_impossible_objective_settings_are_refused(tiny_folder, tmp_path, capsys
     assert main(argv) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# --- skd: the block stages -------------------------------------------------------------------
+
+
+def _skd_setup(norm="instancenorm"):
+    from ddkd.models import ConvNet, ConvNetConfig, ResNet, ResNetConfig
+    from ddkd.teach.stagewise import fit_skd_stages
+
+    torch.manual_seed(0)
+    teacher = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4)).eval()
+    x = torch.randn(48, 1, 16, 16)
+    sc = ConvNetConfig(in_channels=1, image_size=16, depth=3, width=8, norm=norm,
+                       out_dim=teacher.config.feature_dim)
+    obj = build_objective("skd", teacher.config.feature_dim)
+    fit_skd_stages(obj, teacher, sc, x, batch_size=20)
+    return teacher, x, sc, obj, ConvNet
+
+
+def test_skd_regresses_the_teacher_stage_of_the_same_downsampling():
+    from ddkd.objectives.skd import plan_stages
+
+    assert plan_stages([14, 7, 3], [28, 14, 7, 4]) == [1, 2, 3]
+    assert plan_stages([16, 8, 4, 2], [32, 16, 8, 4]) == [1, 2, 3, 3]
+    assert plan_stages([8], [4, 4, 2, 1]) == [1]  # larger than every map: the largest, deepest
+    _, _, _, obj, _ = _skd_setup()
+    assert obj.stage_source.tolist() == [1, 2, 3] and obj.stage_size.tolist() == [8, 4, 2]
+
+
+def test_skd_stage_targets_are_channel_standardised():
+    from ddkd.teach.stagewise import stage_targets
+
+    teacher, x, _, obj, _ = _skd_setup()
+    for s in range(obj.num_stages):
+        t = stage_targets(obj, s, teacher, x, batch_size=7)
+        assert t.shape[1:] == (4 * 2 ** int(obj.stage_source[s]), obj.stage_size[s],
+                               obj.stage_size[s])
+        torch.testing.assert_close(t.mean((0, 2, 3)), torch.zeros(t.shape[1]), atol=1e-4,
+                                   rtol=0)
+        live = t.std((0, 2, 3)) > 0  # a channel that ReLU keeps at zero stays zero
+        std = t.transpose(0, 1).flatten(1).std(1, correction=0)
+        torch.testing.assert_close(std[live], torch.ones(int(live.sum())), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm"])
+def test_skd_stage_changes_only_the_active_block_and_lowers_its_loss(norm):
+    from ddkd.config import ExpertConfig
+    from ddkd.teach.experts import init_student
+    from ddkd.teach.stagewise import stage_targets, train_stage
+
+    teacher, x, sc, obj, _ = _skd_setup(norm)
+    ec = ExpertConfig(batch_size=16, stage_epochs=4, lr=0.05, objective="skd")
+    for s in range(obj.num_stages):
+        student = init_student(sc, 0, 0)
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        losses = train_stage(student, s, stage_targets(obj, s, teacher, x), x, ec, 0, 0)
+        active = {f"body.{4 * s + i}." for i in range(4)}
+        for name, value in student.state_dict().items():
+            moved = not torch.equal(value, before[name])
+            assert moved == any(name.startswith(a) for a in active) or "num_batches" in name, (
+                s, name)
+        assert losses[-1] < losses[0]
+        again = init_student(sc, 0, 0)
+        assert train_stage(again, s, stage_targets(obj, s, teacher, x), x, ec, 0, 0) == losses
+
+
+def test_skd_needs_a_teacher_with_stages():
+    from ddkd.objectives.skd import teacher_stage_modules
+
+    with pytest.raises(ConfigError, match="skd needs a teacher with the stages layer1"):
+        teacher_stage_modules(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))

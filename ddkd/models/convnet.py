@@ -87,6 +87,13 @@ class ConvNet(nn.Module):
         elif config.out_dim:
             self.head = nn.Linear(config.feature_dim(), config.out_dim)
 
+    def block(self, s: int) -> nn.Sequential:
+        """Block ``s`` (0-based): conv, norm, ReLU, pool; its output is ``block_size(s)`` square."""
+        return self.body[4 * s : 4 * (s + 1)]
+
+    def block_size(self, s: int) -> int:
+        return self.config.image_size // 2 ** (s + 1)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).flatten(1)  # (B, feature_dim)
 

@@ -1,4 +1,4 @@
-"""The KD objectives (METHOD.md section 4): ``mse`` (MKDT), ``kdep``, ``tcs``, ``ssld``.
+"""The KD objectives (METHOD.md section 4): ``mse`` (MKDT), ``kdep``, ``tcs``, ``ssld``, ``skd``.
 
 Each is one small unit with the interface of :class:`ddkd.objectives.base.Objective`.
 """
@@ -9,6 +9,7 @@ from ddkd.errors import ConfigError
 from ddkd.objectives.base import Objective
 from ddkd.objectives.kdep import KDEPObjective
 from ddkd.objectives.mse import MSEObjective
+from ddkd.objectives.skd import SKDObjective
 from ddkd.objectives.ssld import SSLDObjective
 from ddkd.objectives.tcs import TCSObjective
 
@@ -17,6 +18,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "kdep": KDEPObjective,
     "tcs": TCSObjective,
     "ssld": SSLDObjective,
+    "skd": SKDObjective,
 }
 
 

@@ -51,6 +51,7 @@ def train_expert(
     k: int,
     on_epoch: Callable[[int, float], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+    init: Callable[[int], ConvNet] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train student ``k`` by representation matching and record its trajectory.
 
@@ -62,12 +63,14 @@ def train_expert(
         seed: the run's seed; expert ``k`` uses its own derived streams.
         on_epoch: called with ``(epoch, mean_loss)`` after every epoch.
         loss_fn: the KD objective's loss ``(output, target) -> scalar`` (MKDT's MSE by default).
+        init: student ``k``'s starting network (default: :func:`init_student`; ``skd`` starts
+            from its block stages' result).
 
     Returns:
         ``(epochs + 1, P)`` float32 snapshots on the CPU, and the per-epoch mean losses.
     """
     device = x_train.device
-    student = init_student(config, seed, k).to(device)
+    student = (init(k) if init is not None else init_student(config, seed, k)).to(device)
     optimizer = torch.optim.SGD(
         student.parameters(),
         lr=experts.lr,
@@ -117,6 +120,7 @@ def train_experts(
     ks: list[int],
     on_epoch: Callable[[int, list[float]], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+    init: Callable[[int], ConvNet] | None = None,
 ) -> list[tuple[torch.Tensor, list[float]]]:
     """Train students ``ks`` together (see the module docstring); for each, what
     :func:`train_expert` returns for it: ``(epochs + 1, P)`` snapshots and per-epoch losses.
@@ -125,9 +129,11 @@ def train_experts(
     """
     if len(ks) == 1:
         single = None if on_epoch is None else (lambda e, loss: on_epoch(e, [loss]))
-        return [train_expert(config, experts, x_train, z_train, seed, ks[0], single, loss_fn)]
+        return [train_expert(config, experts, x_train, z_train, seed, ks[0], single, loss_fn,
+                             init)]
     device = x_train.device
-    students = [init_student(config, seed, k).to(device) for k in ks]
+    init = init or (lambda k: init_student(config, seed, k))
+    students = [init(k).to(device) for k in ks]
     params, buffers = stack_module_state(students)  # {name: (G, ...)} leaves
     names = [name for name, _ in students[0].named_parameters()]
     template = copy.deepcopy(students[0]).to("meta")

@@ -38,11 +38,13 @@ from ddkd.models.convnet import ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet
 from ddkd.objectives import Objective, build_objective, student_output
+from ddkd.objectives.skd import SKDObjective, teacher_stage_modules
 from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
 from ddkd.teach.experts import default_experts_per_batch, init_student, train_experts
+from ddkd.teach.stagewise import fit_skd_stages, stagewise_students
 from ddkd.teach.targets import compute_targets
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def run_teach(
     train = full_train.subset(indices)
     teacher = _resolve_teacher(config, train)
     student_config(config, train.shape, teacher.dim)  # validates the student before writing
-    objective = _objective(config, teacher.dim, len(train))
+    objective = _objective(config, teacher, len(train))
     if dist.is_main:
         run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite,
                               complete=lambda old: to_dict(build_config(TeachConfig, old)))
@@ -203,6 +205,9 @@ def run_teach(
             zca = (ZCA.fit(teacher.normalize(train.images), config.data.zca_eps)
                    if config.data.zca else None)
             objective.fit(z_train, make_generator(config.seed, _STREAM_OBJECTIVE))
+            if isinstance(objective, SKDObjective):  # the block stages' normalisers
+                fit_skd_stages(objective, teacher.net, student_config(config, train.shape, 1),
+                               teacher.normalize(train.images.to(device)))
             save_targets(run.targets, z_train, indices,
                          {"normalization": asdict(teacher.normalize), "teacher": teacher.arch},
                          zca.tensors() if zca else None, objective.name,
@@ -236,7 +241,7 @@ def run_teach(
              100 * knn["teacher"], 100 * knn["random_init"], 100 * knn["raw_pixels"])
 
     # Phase 4: the experts.
-    expert_losses = _record_experts(config, sc, train, objective, z_train, teacher.normalize,
+    expert_losses = _record_experts(config, sc, train, objective, z_train, teacher,
                                     zca, run, device, progress, dist)
     if not dist.is_main:
         return {"run": str(run.root), "rank": dist.rank}
@@ -333,10 +338,12 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
     }
 
 
-def _objective(config: TeachConfig, teacher_dim: int, num_train: int) -> Objective:
+def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Objective:
     """The experts' KD objective, unfitted (checked against the teacher and the data before
     anything is written)."""
-    name, anchors = config.experts.objective, config.experts.anchors
+    name, anchors, teacher_dim = config.experts.objective, config.experts.anchors, teacher.dim
+    if name == "skd":
+        teacher_stage_modules(teacher.net)  # a teacher without stages cannot teach skd
     if name == "kdep":
         return build_objective(name, teacher_dim, student_width=config.student.width)
     if name == "ssld":
@@ -350,14 +357,19 @@ def _objective(config: TeachConfig, teacher_dim: int, num_train: int) -> Objecti
 
 def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                     objective: Objective, z_train: torch.Tensor,
-                    normalize: Normalization, zca: ZCA | None, run: RunDir,
+                    teacher: _Teacher, zca: ZCA | None, run: RunDir,
                     device: torch.device, progress: bool, dist: Ranks) -> list[float]:
-    """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses."""
+    """Train the experts that have no shard yet, assemble experts.h5; -> final KD losses.
+
+    ``skd``: each group first goes through the block stages (their losses go to
+    metrics.jsonl as phase "expert-stage"); the recorded trajectory is the global stage."""
     ec = config.experts
     if ec.num_experts == 0:
         return []
     if not run.experts.is_file():
-        x_train = normalize(train.images.to(device))  # (N, C, H, W) float, kept on the device
+        # (N, C, H, W) float, kept on the device
+        x_train = teacher.normalize(train.images.to(device))
+        teacher_x = x_train if isinstance(objective, SKDObjective) else None
         if zca is not None:
             x_train = zca(x_train)
         z_dev = objective.targets(z_train).to(device)  # in the objective's target space
@@ -380,8 +392,20 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                     append_jsonl(run.metrics, {"phase": "expert", "expert": k,
                                                "epoch": epoch + 1, "loss": loss})
 
+            init = None
+            if isinstance(objective, SKDObjective):
+                def on_stage(k: int, s: int, losses: list[float]) -> None:
+                    bar.set_postfix(expert=k, stage=s + 1, loss=f"{losses[-1]:.4g}")
+                    for epoch, loss in enumerate(losses):
+                        append_jsonl(run.metrics, {"phase": "expert-stage", "expert": k,
+                                                   "stage": s + 1, "epoch": epoch + 1,
+                                                   "loss": loss})
+
+                students = stagewise_students(sc, ec, objective.to(device), teacher.net,
+                                              teacher_x, x_train, config.seed, group, on_stage)
+                init = students.__getitem__
             results = train_experts(sc, ec, x_train, z_dev, config.seed, group, on_epoch,
-                                    loss_fn=objective.to(device).loss)
+                                    loss_fn=objective.to(device).loss, init=init)
             for k, (trajectory, losses) in zip(group, results, strict=True):
                 write_expert_shard(shards[k], trajectory, losses, seed=config.seed,
                                    dtype=ec.dtype)

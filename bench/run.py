@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/run.py [--device cpu|cuda] [--shapes fashion-mnist,cifar10-ipc10]
                                   [--syn-steps 5,10,20,40] [--groups 4,8] [--repeats 2]
+                                  [--parts experts,matching]
 
 For each shape it prints one table:
 
 * expert training throughput (images/s): the reference (``bench/reference.py``: MTT/MKDT's
   ``buffer.py`` loop, one expert at a time), ddkd's ``train_expert`` (one at a time) and
-  ``train_experts`` (G students batched with ``vmap``);
+  ``train_experts`` (G students batched with ``vmap``), each eager and under ``torch.compile``
+  (``experts.compile``; the first run, which compiles, is timed apart);
 * trajectory matching, per outer iteration at every ``syn_steps``: time and peak memory of the
   reference (``distill.py``: flat-vector student, fully unrolled graph), ddkd ``unrolled`` and
   ddkd ``constant`` (TESLA-style recomputation), the FLOPs of an iteration (counted by
@@ -54,7 +56,7 @@ from ddkd.synth.matching import (  # noqa: E402
     meta_gradient_constant_memory,
     sample_batches,
 )
-from ddkd.teach.experts import train_expert, train_experts  # noqa: E402
+from ddkd.teach.experts import StudentLoss, train_expert, train_experts  # noqa: E402
 
 # name -> (channels, size, student width, depth, target dim, synthetic images, batch_syn)
 SHAPES = {
@@ -95,22 +97,27 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
     if variant.startswith("experts-"):
         x, z = _data(shape, EXPERT_IMAGES, device)
         ec = ExpertConfig(num_experts=group, epochs=1)
+        compiled = variant.endswith("-compiled")
+        loss = StudentLoss(cfg, compile=compiled)  # one per run, as ddkd teach does
         if variant == "experts-reference":
             def run():
                 for _ in range(group):
                     train_expert_reference(ConvNet(cfg).to(device), x, z, epochs=1)
-        elif variant == "experts-ddkd":
+        elif variant.startswith("experts-ddkd"):
             def run():
                 for k in range(group):
-                    train_expert(cfg, ec, x, z, seed=0, k=k)
+                    train_expert(cfg, ec, x, z, seed=0, k=k, loss=loss)
         else:
             def run():
-                train_experts(cfg, ec, x, z, seed=0, ks=list(range(group)))
+                train_experts(cfg, ec, x, z, seed=0, ks=list(range(group)), loss=loss)
         base = _memory(device, reset=True)
-        run()  # warm-up
+        t0 = time.perf_counter()
+        run()  # warm-up (and compilation)
+        _sync(device)
+        first = time.perf_counter() - t0
         best = _best_time(run, repeats, device)
         return {"seconds": best, "images_per_s": group * EXPERT_IMAGES / best,
-                "peak_bytes": _memory(device) - base}
+                "first_seconds": first, "peak_bytes": _memory(device) - base}
 
     gen = torch.Generator().manual_seed(1)
     x_syn, y_syn = _data(shape, n_syn, device)
@@ -227,17 +234,29 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
              f"{SHAPES[shape][6]}; {device.type}, {torch.get_num_threads()} threads)", ""]
     peak = conv_throughput(shape, device)
     lines.append(f"Measured convolution throughput: {peak / 1e9:,.1f} GFLOP/s.\n")
-    lines += ["| expert training | experts | images/s | speed-up |", "|---|---|---|---|"]
+    if "experts" not in args.parts:
+        return "\n".join(lines + _matching_table(shape, args, peak))
+    lines += ["| expert training | experts | images/s | speed-up | first run s (compiling) |",
+              "|---|---|---|---|---|"]
     for group in args.groups:
         ref = _child("experts-reference", shape, args, group=group)
-        one = _child("experts-ddkd", shape, args, group=group)
-        batched = _child("experts-batched", shape, args, group=group)
-        for name, r in (("reference (one at a time)", ref), ("ddkd, one at a time", one),
-                        (f"ddkd, {group} batched", batched)):
+        for name, variant in (("reference (one at a time)", None),
+                              ("ddkd, one at a time", "experts-ddkd"),
+                              ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
+                              (f"ddkd, {group} batched", "experts-batched"),
+                              (f"ddkd, {group} batched, compiled", "experts-batched-compiled")):
+            r = ref if variant is None else _child(variant, shape, args, group=group)
             lines.append(f"| {name} | {group} | {r['images_per_s']:,.0f} | "
-                         f"{r['images_per_s'] / ref['images_per_s']:.2f}x |")
-    lines += ["", "| matching | syn_steps | s/iteration | speed-up | peak MiB | "
-              "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
+                         f"{r['images_per_s'] / ref['images_per_s']:.2f}x | "
+                         f"{r['first_seconds']:.1f} |")
+    if "matching" in args.parts:
+        lines += [""] + _matching_table(shape, args, peak)
+    return "\n".join(lines)
+
+
+def _matching_table(shape: str, args, peak: float) -> list[str]:
+    lines = ["| matching | syn_steps | s/iteration | speed-up | peak MiB | "
+             "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
     for n in args.syn_steps:
         ref = _child("match-reference", shape, args, syn_steps=n)
         for name, variant in (("reference (unrolled)", None), ("ddkd unrolled", "match-unrolled"),
@@ -247,7 +266,7 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
                 f"| {name} | {n} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x "
                 f"| {_mib(r['peak_bytes'])} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
                 f"{r['flops'] / 1e9:,.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}% |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -258,6 +277,8 @@ def main() -> None:
     parser.add_argument("--syn-steps", default="5,10,20,40", help="comma list")
     parser.add_argument("--groups", default="4", help="experts per batch, comma list")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
+    parser.add_argument("--parts", default="experts,matching",
+                        help="which tables: experts, matching (comma list)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant, JSON out
     args = parser.parse_args()
     shapes = args.shapes.split(",")
@@ -266,6 +287,9 @@ def main() -> None:
         raise SystemExit(f"bench: unknown shape(s) {unknown}; valid: {', '.join(SHAPES)}")
     args.syn_steps = [int(v) for v in args.syn_steps.split(",")]
     args.groups = [int(v) for v in args.groups.split(",")]
+    args.parts = args.parts.split(",")
+    if not set(args.parts) <= {"experts", "matching"}:
+        raise SystemExit(f"bench: --parts {','.join(args.parts)}; valid: experts, matching")
     device = torch.device(args.device)
     if args.one:
         result = measure(args.one, shapes[0], device, args.syn_steps[0], args.groups[0],

@@ -123,6 +123,9 @@ class ExpertConfig:
     # skd: epochs of each block stage before the recorded global stage (sized for the CPU;
     # Kulkarni et al. train every stage to convergence)
     stage_epochs: int = 2
+    # torch.compile the students' training step: auto (when a C++ compiler / Triton is there),
+    # on, off. About 2x on 2 CPU cores; float-tolerance, not bitwise, equal to eager.
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
@@ -146,6 +149,8 @@ class ExpertConfig:
                               f"{', '.join(OBJECTIVES)}")
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"experts.compile {self.compile!r}; valid: auto, on, off")
 
 
 @dataclass(frozen=True)

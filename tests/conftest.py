@@ -64,6 +64,7 @@ TINY_TEACH = [
     "--set", "teacher.base_width=4", "--set", "teacher.batch_size=8",
     "--set", "teacher.proj_dim=32", "--set", "teacher.knn_k=3",
     "--set", "student.depth=2", "--set", "student.width=8", "--set", "experts.batch_size=8",
+    "--set", "experts.compile=off",  # compiling costs ~20 s; tests/test_experts.py covers it
     "--seed", "3", "--no-progress",
 ]
 

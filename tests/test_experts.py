@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from ddkd.config import ExpertConfig
-from ddkd.errors import FileFormatError, TrainingError
+from ddkd.errors import ConfigError, FileFormatError, TrainingError
 from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
 from ddkd.models import ConvNetConfig
 from ddkd.models.functional import ParamSpec
-from ddkd.teach.experts import init_student, train_expert, train_experts
+from ddkd.teach.experts import (
+    StudentLoss,
+    compile_available,
+    init_student,
+    resolve_compile,
+    train_expert,
+    train_experts,
+)
 
 CFG = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=8, out_dim=4)
 
@@ -57,6 +64,40 @@ def test_experts_are_reproducible_and_independent():
     c, _ = train_expert(CFG, ec, x, z, seed=1, k=0)
     assert torch.equal(a, b)
     assert not torch.equal(a[0], c[0])  # different experts start from different inits
+
+
+@pytest.mark.skipif(not compile_available(torch.device("cpu")),
+                    reason="torch.compile needs a C++ compiler (g++), and none is installed")
+def test_compiled_experts_match_eager_and_reproduce_themselves():
+    # 44 images in batches of 8: two batch shapes, so two graphs; one StudentLoss serves all.
+    x, z = _data(n=44)
+    ec = ExpertConfig(num_experts=2, epochs=2, batch_size=8, lr=0.05)
+    from torch._dynamo.utils import counters
+
+    compiled = StudentLoss(CFG, compile=True)
+    eager = [train_expert(CFG, ec, x, z, seed=4, k=k) for k in (0, 1)]
+    counters.clear()
+    first = [train_expert(CFG, ec, x, z, seed=4, k=k, loss=compiled) for k in (0, 1)]
+    again = train_expert(CFG, ec, x, z, seed=4, k=1, loss=compiled)
+    assert counters["stats"]["unique_graphs"] == 2  # compiled once per batch shape, not per expert
+    for (a, loss_a), (b, loss_b) in zip(eager, first, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert np.allclose(loss_a, loss_b, rtol=1e-4)
+    assert torch.equal(again[0], first[1][0])
+    batched = train_experts(CFG, ec, x, z, seed=4, ks=[0, 1], loss=compiled)
+    torch.testing.assert_close(batched[1][0], eager[1][0], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_settings_are_checked(monkeypatch):
+    import ddkd.teach.experts as experts
+
+    assert resolve_compile("off", torch.device("cpu")) is False
+    monkeypatch.setattr(experts.shutil, "which", lambda _name: None)
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    with pytest.raises(ConfigError, match="experts.compile = on needs a C\\+\\+ compiler"):
+        resolve_compile("on", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="experts.compile 'yes'; valid: auto, on, off"):
+        ExpertConfig(compile="yes")
 
 
 def test_diverging_expert_raises():

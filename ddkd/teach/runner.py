@@ -43,7 +43,13 @@ from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
-from ddkd.teach.experts import default_experts_per_batch, init_student, train_experts
+from ddkd.teach.experts import (
+    StudentLoss,
+    default_experts_per_batch,
+    init_student,
+    resolve_compile,
+    train_experts,
+)
 from ddkd.teach.stagewise import fit_skd_stages, stagewise_students
 from ddkd.teach.targets import compute_targets
 
@@ -380,7 +386,10 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
         todo = [k for k in range(ec.num_experts)
                 if k % dist.world == dist.rank and not shards[k].is_file()]
         per_batch = ec.per_batch or default_experts_per_batch(device)
-        log.info("training %d experts, %d at a time", len(todo), per_batch)
+        compiled = resolve_compile(ec.compile, device)
+        student_loss = StudentLoss(sc, objective.to(device).loss, compile=compiled)
+        log.info("training %d experts, %d at a time%s", len(todo), per_batch,
+                 ", compiled (torch.compile)" if compiled else "")
         bar = _bar(len(todo) * ec.epochs, "experts", "epoch", progress)
         for first in range(0, len(todo), per_batch):
             group = todo[first : first + per_batch]
@@ -405,7 +414,7 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                                               teacher_x, x_train, config.seed, group, on_stage)
                 init = students.__getitem__
             results = train_experts(sc, ec, x_train, z_dev, config.seed, group, on_epoch,
-                                    loss_fn=objective.to(device).loss, init=init)
+                                    loss=student_loss, init=init)
             for k, (trajectory, losses) in zip(group, results, strict=True):
                 write_expert_shard(shards[k], trajectory, losses, seed=config.seed,
                                    dtype=ec.dtype)

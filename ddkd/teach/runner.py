@@ -390,6 +390,9 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
         student_loss = StudentLoss(sc, objective.to(device).loss, compile=compiled)
         log.info("training %d experts, %d at a time%s", len(todo), per_batch,
                  ", compiled (torch.compile)" if compiled else "")
+        if dist.is_main:  # what experts.compile=auto and per_batch=0 resolved to, on record
+            append_jsonl(run.metrics, {"phase": "experts-setup", "compiled": compiled,
+                                       "per_batch": per_batch, "device": device.type})
         bar = _bar(len(todo) * ec.epochs, "experts", "epoch", progress)
         for first in range(0, len(todo), per_batch):
             group = todo[first : first + per_batch]

@@ -121,6 +121,32 @@ def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
         assert torch.equal(ta, tb)
 
 
+def test_skd_run_interrupted_in_its_block_stages_resumes_to_the_same_experts(
+        tiny_folder, tmp_path, monkeypatch):
+    from ddkd.teach import runner
+
+    straight = tmp_path / "straight"
+    assert teach(tiny_folder, straight, "--objective", "skd") == 0
+    original = runner.stagewise_students
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # in expert 1's block stages
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "stagewise_students", interrupted)
+    resumed = tmp_path / "resumed"
+    assert teach(tiny_folder, resumed, "--objective", "skd") == 130
+    assert len(list((resumed / "experts.partial").glob("expert_*.h5"))) == 1
+    monkeypatch.setattr(runner, "stagewise_students", original)
+    assert teach(tiny_folder, resumed, "--objective", "skd", "--resume") == 0
+    for ta, tb in zip(_experts(straight / "experts.h5"), _experts(resumed / "experts.h5"),
+                      strict=True):
+        assert torch.equal(ta, tb)
+
+
 def test_teacher_checkpoint_from_a_run_and_as_state_dict(tiny_folder, tmp_path):
     first = tmp_path / "first"
     teach(tiny_folder, first)

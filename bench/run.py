@@ -9,7 +9,9 @@ For each shape it prints one table:
 * expert training throughput (images/s): the reference (``bench/reference.py``: MTT/MKDT's
   ``buffer.py`` loop, one expert at a time), ddkd's ``train_expert`` (one at a time) and
   ``train_experts`` (G students batched with ``vmap``), each eager and under ``torch.compile``
-  (``experts.compile``; the first run, which compiles, is timed apart);
+  (``experts.compile``; the first run, which compiles, is timed apart). ddkd's variants run
+  with the allocator setting the ``ddkd`` command makes (``ddkd.runtime.tune_cpu_allocator``);
+  the reference runs as published, and once more with that setting, to show what it is worth;
 * trajectory matching, per outer iteration at every ``syn_steps``: time and peak memory of the
   reference (``distill.py``: flat-vector student, fully unrolled graph), ddkd ``unrolled`` and
   ddkd ``constant`` (TESLA-style recomputation), the FLOPs of an iteration (counted by
@@ -50,6 +52,7 @@ from reference import (  # noqa: E402
 from ddkd.config import ExpertConfig  # noqa: E402
 from ddkd.models.convnet import ConvNet, ConvNetConfig  # noqa: E402
 from ddkd.models.functional import ParamSpec  # noqa: E402
+from ddkd.runtime import tune_cpu_allocator  # noqa: E402
 from ddkd.synth.matching import (  # noqa: E402
     Segment,
     meta_gradient,
@@ -91,6 +94,8 @@ def _data(shape: str, n: int, device: torch.device):
 def measure(variant: str, shape: str, device: torch.device, syn_steps: int, group: int,
             repeats: int) -> dict:
     """Run one variant (after a warm-up) and return its figures; called in a fresh process."""
+    if not variant.endswith("reference"):  # ddkd's variants run as the ddkd CLI runs them
+        tune_cpu_allocator()
     torch.manual_seed(0)
     cfg = _student(shape)
     c, size, width, depth, dim, n_syn, batch_syn = SHAPES[shape]
@@ -99,7 +104,7 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
         ec = ExpertConfig(num_experts=group, epochs=1)
         compiled = variant.endswith("-compiled")
         loss = StudentLoss(cfg, compile=compiled)  # one per run, as ddkd teach does
-        if variant == "experts-reference":
+        if variant.startswith("experts-reference"):
             def run():
                 for _ in range(group):
                     train_expert_reference(ConvNet(cfg).to(device), x, z, epochs=1)
@@ -241,6 +246,8 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
     for group in args.groups:
         ref = _child("experts-reference", shape, args, group=group)
         for name, variant in (("reference (one at a time)", None),
+                              ("reference, with ddkd's allocator setting",
+                               "experts-reference-tuned-allocator"),
                               ("ddkd, one at a time", "experts-ddkd"),
                               ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
                               (f"ddkd, {group} batched", "experts-batched"),

@@ -92,6 +92,40 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+#: what :func:`tune_cpu_allocator` did in this process (recorded in environment.json)
+ALLOCATOR = {"tuned": False, "why": "not asked"}
+
+
+def tune_cpu_allocator() -> dict:
+    """Keep freed memory in the process instead of returning it to the system (glibc only).
+
+    PyTorch's CPU tensors come from ``malloc``; glibc serves every block over 128 KiB-32 MiB
+    by a fresh ``mmap`` and hands it back by ``munmap`` when freed. A training step frees and
+    re-allocates the same activation buffers every time, so each step pays for page faults
+    that zero the pages again: measured on 2 cores, a third to a half of expert training's
+    time went to the kernel. ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` make
+    ``malloc`` reuse that memory: expert training (batch 256, Fashion-MNIST shape) went from
+    530-620 to 870-1030 images/s eager and from 1035 to 1316 compiled, with the same results
+    bit for bit. The price: the resident memory stays at its peak until the process ends.
+    ``DDKD_MALLOC=default`` leaves the allocator alone.
+    """
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("DDKD_MALLOC", "") == "default":
+        ALLOCATOR.update(tuned=False, why="DDKD_MALLOC=default")
+        return ALLOCATOR
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        ALLOCATOR.update(tuned=False, why=f"not glibc ({platform.system()})")
+        return ALLOCATOR
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    ALLOCATOR.update(tuned=ok, why="mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+                     if ok else "mallopt refused")
+    return ALLOCATOR
+
+
 def environment_record() -> dict:
     """Library versions and machine facts, written next to every run's outputs."""
     import ddkd
@@ -106,6 +140,7 @@ def environment_record() -> dict:
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "malloc_tuned": ALLOCATOR["tuned"],
     }
     for name in ("torchvision", "kornia", "h5py", "lightly", "tqdm"):
         try:

@@ -283,6 +283,23 @@ def test_run_of_an_older_version_resumes_when_new_settings_keep_their_defaults(
     assert json.loads((out / "config.json").read_text())["config"]["experts"]["anchors"] == 100
 
 
+def test_allocator_tuning_changes_no_result(tiny_folder, tmp_path):
+    import os
+
+    runs = {}
+    for setting in ("default", "ddkd"):
+        out = tmp_path / setting
+        env = {**os.environ, "DDKD_MALLOC": setting}
+        subprocess.run([sys.executable, "-m", "ddkd.cli", "teach", "--dataset",
+                        f"imagefolder:{tiny_folder}", "--out", str(out), *TINY], env=env,
+                       check=True, capture_output=True)
+        record = json.loads((out / "environment.json").read_text())
+        assert record["malloc_tuned"] is (setting == "ddkd")
+        runs[setting] = _experts(out / "experts.h5")
+    for a, b in zip(runs["default"], runs["ddkd"], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_console_script_help_is_fast_and_lists_the_contract():
     out = subprocess.run([sys.executable, "-m", "ddkd.cli", "teach", "--help"],
                          capture_output=True, text=True, check=True).stdout

@@ -128,7 +128,7 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
     x_syn, y_syn = _data(shape, n_syn, device)
     alpha = torch.tensor(0.01, device=device)
     batches = [b.to(device) for b in sample_batches(n_syn, syn_steps, batch_syn, gen)]
-    if variant == "match-reference":
+    if variant.startswith("match-reference"):
         flat = FlatConvNet(c, size, depth, width, dim)
         theta0 = flat.init(gen).to(device)
         theta1 = theta0 + 0.01 * torch.randn(theta0.shape, generator=gen).to(device)
@@ -266,7 +266,10 @@ def _matching_table(shape: str, args, peak: float) -> list[str]:
              "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
     for n in args.syn_steps:
         ref = _child("match-reference", shape, args, syn_steps=n)
-        for name, variant in (("reference (unrolled)", None), ("ddkd unrolled", "match-unrolled"),
+        for name, variant in (("reference (unrolled)", None),
+                              ("reference, with ddkd's allocator setting",
+                               "match-reference-tuned-allocator"),
+                              ("ddkd unrolled", "match-unrolled"),
                               ("ddkd constant", "match-constant")):
             r = ref if variant is None else _child(variant, shape, args, syn_steps=n)
             lines.append(

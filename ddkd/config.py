@@ -124,7 +124,7 @@ class ExpertConfig:
     # Kulkarni et al. train every stage to convergence)
     stage_epochs: int = 2
     # torch.compile the students' training step: auto (when a C++ compiler / Triton is there),
-    # on, off. About 2x on 2 CPU cores; float-tolerance, not bitwise, equal to eager.
+    # on, off. 1.2-1.3x on 2 CPU cores; float-tolerance, not bitwise, equal to eager.
     compile: str = "auto"
 
     def __post_init__(self) -> None:

@@ -100,6 +100,32 @@ def test_compile_settings_are_checked(monkeypatch):
         ExpertConfig(compile="yes")
 
 
+def test_a_broken_compiler_gets_a_clear_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from ddkd.config import ExpertConfig\n"
+        "from ddkd.errors import TrainingError\n"
+        "from ddkd.models import ConvNetConfig\n"
+        "from ddkd.teach.experts import StudentLoss, train_expert\n"
+        "cfg = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=8, out_dim=4)\n"
+        "x, z = torch.randn(16, 1, 8, 8), torch.randn(16, 4)\n"
+        "try:\n"
+        "    train_expert(cfg, ExpertConfig(num_experts=1, epochs=1, batch_size=8), x, z, 0, 0,\n"
+        "                 loss=StudentLoss(cfg, compile=True))\n"
+        "except TrainingError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "torch.compile of the experts' training step failed" in out
+    assert "set experts.compile=off" in out
+
+
 def test_diverging_expert_raises():
     x, z = _data()
     ec = ExpertConfig(num_experts=1, epochs=2, batch_size=8, lr=1e8)

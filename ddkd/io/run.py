@@ -98,9 +98,9 @@ def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite
                 "start a new run there"
             )
         previous = json.loads(run.config.read_text())
-        if previous != record and complete is not None and previous.get("stage") == "teach":
+        if previous != record and complete is not None:
             try:
-                upgraded = {"stage": "teach", "config": complete(previous.get("config", {}))}
+                upgraded = {**previous, "config": complete(previous.get("config", {}))}
             except ConfigError as err:
                 raise ConfigError(f"--resume: {run.config} does not describe a run this "
                                   f"version of ddkd can continue ({err})") from err

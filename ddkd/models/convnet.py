@@ -31,11 +31,12 @@ class ConvNetConfig:
     # pre-ReLU map average-pooled to out_dim / width cells (KDEP's signed student side).
     output: str = "linear"
 
+    def block_size(self, s: int) -> int:
+        """Side of block ``s``'s (0-based) square output map."""
+        return self.image_size // 2 ** (s + 1)
+
     def feature_dim(self) -> int:
-        size = self.image_size
-        for _ in range(self.depth):
-            size //= 2
-        return self.width * size * size
+        return self.width * self.block_size(self.depth - 1) ** 2
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -88,11 +89,8 @@ class ConvNet(nn.Module):
             self.head = nn.Linear(config.feature_dim(), config.out_dim)
 
     def block(self, s: int) -> nn.Sequential:
-        """Block ``s`` (0-based): conv, norm, ReLU, pool; its output is ``block_size(s)`` square."""
+        """Block ``s`` (0-based): conv, norm, ReLU, pool; output ``config.block_size(s)`` square."""
         return self.body[4 * s : 4 * (s + 1)]
-
-    def block_size(self, s: int) -> int:
-        return self.config.image_size // 2 ** (s + 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).flatten(1)  # (B, feature_dim)

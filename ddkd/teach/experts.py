@@ -74,7 +74,6 @@ class StudentLoss:
     def __init__(self, config: ConvNetConfig,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
                  compile: bool = False):
-        self.config, self.compiled = config, compile
         template = ConvNet(config).to("meta")
 
         def one(p, b, x, z):  # (b, C, H, W), (b, D) -> ()

@@ -31,7 +31,7 @@ def fit_skd_stages(objective: SKDObjective, teacher: nn.Module, student: ConvNet
     teacher.eval()
     probe = teacher_stage_maps(teacher, teacher_x[:1], [0, 1, 2, 3])
     teacher_sizes = [int(m.shape[-1]) for m in probe]
-    sizes = [student.image_size // 2 ** (s + 1) for s in range(student.depth)]
+    sizes = [student.block_size(s) for s in range(student.depth)]
     source = plan_stages(sizes, teacher_sizes)
     objective.fit_stages(source, sizes, [torch.zeros(probe[t].shape[1]) for t in source],
                          [torch.ones(probe[t].shape[1]) for t in source])

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--device cpu|cuda] [--shapes fashion-mnist,cifar10-ipc10]
                                   [--syn-steps 5,10,20,40] [--groups 4,8] [--repeats 2]
-                                  [--parts experts,matching]
+                                  [--parts experts,matching] [--precisions fp32,bf16]
 
 For each shape it prints one table:
 
@@ -12,9 +12,12 @@ For each shape it prints one table:
   (``experts.compile``; the first run, which compiles, is timed apart). ddkd's variants run
   with the allocator setting the ``ddkd`` command makes (``ddkd.runtime.tune_cpu_allocator``);
   the reference runs as published, and once more with that setting, to show what it is worth;
+  with ``bf16`` in ``--precisions``, ddkd's one-at-a-time and batched compiled variants also run
+  under bfloat16 autocast (``experts.precision``);
 * trajectory matching, per outer iteration at every ``syn_steps``: time and peak memory of the
   reference (``distill.py``: flat-vector student, fully unrolled graph), ddkd ``unrolled`` and
-  ddkd ``constant`` (TESLA-style recomputation), the FLOPs of an iteration (counted by
+  ddkd ``constant`` (TESLA-style recomputation), each also under bfloat16 autocast with
+  ``bf16`` in ``--precisions`` (``--precision``), the FLOPs of an iteration (counted by
   ``torch.utils.flop_counter``) and the fraction of the device's measured convolution
   throughput that each reaches.
 
@@ -99,11 +102,13 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
     torch.manual_seed(0)
     cfg = _student(shape)
     c, size, width, depth, dim, n_syn, batch_syn = SHAPES[shape]
+    autocast = torch.bfloat16 if variant.endswith("-bf16") else None
     if variant.startswith("experts-"):
         x, z = _data(shape, EXPERT_IMAGES, device)
         ec = ExpertConfig(num_experts=group, epochs=1)
-        compiled = variant.endswith("-compiled")
-        loss = StudentLoss(cfg, compile=compiled)  # one per run, as ddkd teach does
+        compiled = "-compiled" in variant
+        # one per run, as ddkd teach does
+        loss = StudentLoss(cfg, compile=compiled, autocast=autocast)
         if variant.startswith("experts-reference"):
             def run():
                 for _ in range(group):
@@ -141,10 +146,11 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
         theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
         theta1 = theta0 + 0.01 * torch.randn(theta0.shape, generator=gen).to(device)
         segment = Segment(0, 0, theta0, theta1, tuple(batches))
-        fn = meta_gradient if variant == "match-unrolled" else meta_gradient_constant_memory
+        fn = (meta_gradient if variant.startswith("match-unrolled")
+              else meta_gradient_constant_memory)
 
         def run():
-            fn(model, spec, segment, x_syn, y_syn, alpha)
+            fn(model, spec, segment, x_syn, y_syn, alpha, autocast=autocast)
     base = _memory(device, reset=True)
     run()  # warm-up
     with _FlopCount() as counter:
@@ -243,15 +249,21 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
         return "\n".join(lines + _matching_table(shape, args, peak))
     lines += ["| expert training | experts | images/s | speed-up | first run s (compiling) |",
               "|---|---|---|---|---|"]
+    bf16 = "bf16" in args.precisions
     for group in args.groups:
         ref = _child("experts-reference", shape, args, group=group)
-        for name, variant in (("reference (one at a time)", None),
-                              ("reference, with ddkd's allocator setting",
-                               "experts-reference-tuned-allocator"),
-                              ("ddkd, one at a time", "experts-ddkd"),
-                              ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
-                              (f"ddkd, {group} batched", "experts-batched"),
-                              (f"ddkd, {group} batched, compiled", "experts-batched-compiled")):
+        variants = [("reference (one at a time)", None),
+                    ("reference, with ddkd's allocator setting",
+                     "experts-reference-tuned-allocator"),
+                    ("ddkd, one at a time", "experts-ddkd"),
+                    ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
+                    (f"ddkd, {group} batched", "experts-batched"),
+                    (f"ddkd, {group} batched, compiled", "experts-batched-compiled")]
+        if bf16:
+            variants += [("ddkd, one at a time, compiled, bf16", "experts-ddkd-compiled-bf16"),
+                         (f"ddkd, {group} batched, compiled, bf16",
+                          "experts-batched-compiled-bf16")]
+        for name, variant in variants:
             r = ref if variant is None else _child(variant, shape, args, group=group)
             lines.append(f"| {name} | {group} | {r['images_per_s']:,.0f} | "
                          f"{r['images_per_s'] / ref['images_per_s']:.2f}x | "
@@ -266,11 +278,15 @@ def _matching_table(shape: str, args, peak: float) -> list[str]:
              "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
     for n in args.syn_steps:
         ref = _child("match-reference", shape, args, syn_steps=n)
-        for name, variant in (("reference (unrolled)", None),
-                              ("reference, with ddkd's allocator setting",
-                               "match-reference-tuned-allocator"),
-                              ("ddkd unrolled", "match-unrolled"),
-                              ("ddkd constant", "match-constant")):
+        variants = [("reference (unrolled)", None),
+                    ("reference, with ddkd's allocator setting",
+                     "match-reference-tuned-allocator"),
+                    ("ddkd unrolled", "match-unrolled"),
+                    ("ddkd constant", "match-constant")]
+        if "bf16" in args.precisions:
+            variants += [("ddkd unrolled, bf16", "match-unrolled-bf16"),
+                         ("ddkd constant, bf16", "match-constant-bf16")]
+        for name, variant in variants:
             r = ref if variant is None else _child(variant, shape, args, syn_steps=n)
             lines.append(
                 f"| {name} | {n} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x "
@@ -289,6 +305,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
     parser.add_argument("--parts", default="experts,matching",
                         help="which tables: experts, matching (comma list)")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="ddkd variants' arithmetic: fp32, bf16 (comma list; fp32 always "
+                        "runs)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one variant, JSON out
     args = parser.parse_args()
     shapes = args.shapes.split(",")
@@ -298,6 +317,9 @@ def main() -> None:
     args.syn_steps = [int(v) for v in args.syn_steps.split(",")]
     args.groups = [int(v) for v in args.groups.split(",")]
     args.parts = args.parts.split(",")
+    args.precisions = args.precisions.split(",")
+    if not set(args.precisions) <= {"fp32", "bf16"}:
+        raise SystemExit(f"bench: --precisions {','.join(args.precisions)}; valid: fp32, bf16")
     if not set(args.parts) <= {"experts", "matching"}:
         raise SystemExit(f"bench: --parts {','.join(args.parts)}; valid: experts, matching")
     device = torch.device(args.device)

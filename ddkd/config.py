@@ -19,6 +19,13 @@ from typing import Any
 
 from ddkd.errors import ConfigError
 
+PRECISIONS = ("fp32", "bf16")  # the students' arithmetic: see ddkd.runtime.autocast_dtype
+
+
+def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} {value!r} is unknown; valid: {', '.join(valid)}")
+
 
 def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -126,6 +133,8 @@ class ExpertConfig:
     # torch.compile the students' training step: auto (when a C++ compiler / Triton is there),
     # on, off. 1.2-1.3x on 2 CPU cores; float-tolerance, not bitwise, equal to eager.
     compile: str = "auto"
+    # fp32 (MKDT) | bf16: the students' forward under torch.autocast (ddkd.runtime.autocast_dtype)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
@@ -151,6 +160,7 @@ class ExpertConfig:
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"experts.compile {self.compile!r}; valid: auto, on, off")
+        _one_of("experts.precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,9 @@ class SynthConfig:
     augment: str = "none"  # none (MKDT) | dsa (MTT's differentiable siamese augmentation)
     zca: bool = False  # require the run's ZCA whitening (set at teach time: data.zca)
     memory: str = "unrolled"  # unrolled (MTT: graph of all N steps) | constant (TESLA)
+    # fp32 (MTT/MKDT) | bf16: the inner steps' forward under torch.autocast; the meta-gradient
+    # then agrees with fp32's to about 1e-2, not to float tolerance (README, Performance)
+    precision: str = "fp32"
     # expert segments per outer iteration, their meta-gradients averaged (MTT/MKDT: 1); with
     # --devices N each device takes its share
     segments: int = 1
@@ -224,6 +237,7 @@ class SynthConfig:
             raise ConfigError(f"--memory {self.memory!r} is unknown; valid: unrolled, constant")
         if self.augment not in ("none", "dsa"):
             raise ConfigError(f"--augment {self.augment!r} is unknown; valid: none, dsa")
+        _one_of("--precision", self.precision, PRECISIONS)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 

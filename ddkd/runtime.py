@@ -6,6 +6,7 @@ calls :func:`seed_everything` once, at the edge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddkd.config import PRECISIONS
 from ddkd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,30 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
     return device
+
+
+def autocast_dtype(precision: str, device: torch.device, option: str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a ``precision`` setting (``None``: plain float32).
+
+    ``bf16`` runs the students' convolutions and matrix products in bfloat16 under
+    ``torch.autocast`` (parameters, optimiser and losses stay float32). It needs no loss
+    scaling, unlike float16. ``option`` names the setting in errors.
+    """
+    if precision == "fp32":
+        return None
+    if precision != "bf16":
+        raise ConfigError(f"{option} {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{option} = bf16: this GPU ({torch.cuda.get_device_name(device)}) "
+                          "has no bfloat16 support; use fp32")
+    return torch.bfloat16
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast(device_type, dtype)``, or a no-op context for ``dtype=None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -105,6 +105,16 @@ def test_constant_memory_run_matches_the_unrolled_one(tiny_run, tmp_path):
     assert u.lr == pytest.approx(c.lr, rel=1e-5)
 
 
+def test_bf16_run_is_recorded_and_close_to_the_float32_one(tiny_run, tmp_path):
+    assert synth(tiny_run, tmp_path / "f.h5") == 0
+    assert synth(tiny_run, tmp_path / "b.h5", "--precision", "bf16") == 0
+    f, b = load_synthset(tmp_path / "f.h5"), load_synthset(tmp_path / "b.h5")
+    assert b.config["precision"] == "bf16" and f.config["precision"] == "fp32"
+    assert b.images.dtype == torch.float32 and not torch.equal(f.images, b.images)
+    assert ((f.images - b.images).norm() / f.images.norm()).item() < 0.05
+    assert b.lr == pytest.approx(f.lr, rel=1e-2)
+
+
 def test_random_init_differs_from_high_loss(tiny_run, tmp_path):
     assert synth(tiny_run, tmp_path / "hl.h5", "--iterations", "1") == 0
     assert synth(tiny_run, tmp_path / "rnd.h5", "--iterations", "1", "--init", "random") == 0
@@ -126,6 +136,7 @@ def _fails(capsys, argv, match):
         (["--size", "1000"], "would have 1000 images but the run has only 24"),
         (["--max-start-epoch", "2", "--expert-epochs", "2"], "needs snapshots up to epoch 3"),
         (["--init", "median"], "--init 'median' is unknown; valid: high-loss, random"),
+        (["--precision", "fp16"], "--precision 'fp16' is unknown; valid: fp32, bf16"),
     ],
 )
 def test_bad_input(tiny_run, tmp_path, capsys, extra, match):

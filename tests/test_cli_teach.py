@@ -75,6 +75,20 @@ def test_experts_per_batch_gives_the_same_experts(tiny_folder, tmp_path):
     assert config["config"]["experts"]["per_batch"] == 2
 
 
+def test_bf16_experts_are_recorded_and_follow_the_float32_ones(tiny_folder, tmp_path):
+    # skd: the block stages and the recorded global stage both run under bfloat16 autocast
+    assert teach(tiny_folder, tmp_path / "f", "--objective", "skd") == 0
+    assert teach(tiny_folder, tmp_path / "b", "--objective", "skd",
+                 "--set", "experts.precision=bf16") == 0
+    setup = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()
+             if '"experts-setup"' in line]
+    assert setup and setup[0]["precision"] == "bf16"
+    for f, b in zip(_experts(tmp_path / "f" / "experts.h5"),
+                    _experts(tmp_path / "b" / "experts.h5"), strict=True):
+        assert b.dtype == torch.float32 and not torch.equal(f[0], b[0])  # stages ran in bf16
+        assert torch.nn.functional.cosine_similarity(b[-1] - f[0], f[-1] - f[0], dim=0) > 0.95
+
+
 def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     assert teach(tiny_folder, straight, "--teacher-epochs", "2") == 0

@@ -185,3 +185,28 @@ def test_foreign_and_truncated_files_are_refused(tmp_path):
         del fh["experts/0001"]
     with pytest.raises(FileFormatError, match="lacks expert 1"):
         ExpertsFile(path)
+
+
+def test_bf16_experts_follow_the_float32_trajectory_closely():
+    """experts.precision = bf16: the forward runs under bfloat16 autocast (so the trajectory is
+    not the float32 one), parameters stay float32, and training still follows the same path."""
+    x, z = _data()
+    ec = ExpertConfig(num_experts=1, epochs=3, batch_size=8, lr=0.05)
+    fp32, losses32 = train_expert(CFG, ec, x, z, seed=0, k=0)
+    bf16, losses16 = train_expert(CFG, ec, x, z, seed=0, k=0,
+                                  loss=StudentLoss(CFG, autocast=torch.bfloat16))
+    assert bf16.dtype == torch.float32 and torch.equal(bf16[0], fp32[0])
+    assert not torch.equal(bf16[-1], fp32[-1])
+    moved32, moved16 = fp32[-1] - fp32[0], bf16[-1] - bf16[0]
+    assert torch.nn.functional.cosine_similarity(moved16, moved32, dim=0) > 0.99
+    assert losses16[-1] < losses16[0]
+    assert np.allclose(losses16, losses32, rtol=5e-2)
+
+
+def test_unknown_precision_lists_the_valid_ones():
+    from ddkd.config import SynthConfig
+
+    with pytest.raises(ConfigError, match="experts.precision 'fp16' is unknown; valid: fp32, bf16"):
+        ExpertConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="--precision 'half' is unknown; valid: fp32, bf16"):
+        SynthConfig(ipc=1, precision="half")

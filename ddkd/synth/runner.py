@@ -29,7 +29,7 @@ from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.objectives import restore_objective
-from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
+from ddkd.runtime import Ranks, autocast_dtype, environment_record, make_generator, sha256_file
 from ddkd.subsets import high_loss_indices, random_indices
 from ddkd.synth.augment import DSA
 from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and tests)
@@ -276,6 +276,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
 
     last_ckpt = time.time()
     compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
+    autocast = autocast_dtype(config.precision, device, "--precision")
     for it in range(start, config.iterations):
         # This process's share of the iteration's segments (all of them on one device).
         mine = [sample_segment(experts, config, n, it, device, j)
@@ -285,7 +286,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             augment = ((lambda x, step, it=it, j=j: dsa(x, it, step, j)) if dsa is not None
                        else None)
             mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
-                         objective.loss, augment=augment)
+                         objective.loss, augment=augment, autocast=autocast)
             parts = (mg.loss.reshape(1), mg.grad_x, mg.grad_y, mg.grad_alpha.reshape(1))
             total = (list(parts) if total is None
                      else [a + b for a, b in zip(total, parts, strict=True)])

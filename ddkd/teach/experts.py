@@ -36,6 +36,7 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import flat_params
+from ddkd.runtime import autocast as autocast_context
 from ddkd.runtime import make_generator
 
 # Sub-stream ids of :func:`ddkd.runtime.make_generator` for the experts.
@@ -73,11 +74,13 @@ class StudentLoss:
 
     def __init__(self, config: ConvNetConfig,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
-                 compile: bool = False):
+                 compile: bool = False, autocast: torch.dtype | None = None):
         template = ConvNet(config).to("meta")
 
         def one(p, b, x, z):  # (b, C, H, W), (b, D) -> ()
-            return loss_fn(functional_call(template, (p, b), (x,)), z)
+            with autocast_context(x.device.type, autocast):  # experts.precision
+                out = functional_call(template, (p, b), (x,))
+            return loss_fn(out if autocast is None else out.to(z.dtype), z)
 
         self._one = torch.compile(one, dynamic=False) if compile else one
         group = vmap(one)  # (G, b, C, H, W), (G, b, D) -> (G,)

@@ -40,7 +40,7 @@ from ddkd.models.resnet import ResNet
 from ddkd.objectives import Objective, build_objective, student_output
 from ddkd.objectives.skd import SKDObjective, teacher_stage_modules
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
+from ddkd.runtime import Ranks, autocast_dtype, environment_record, make_generator, sha256_file
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
 from ddkd.teach.experts import (
@@ -387,12 +387,16 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
                 if k % dist.world == dist.rank and not shards[k].is_file()]
         per_batch = ec.per_batch or default_experts_per_batch(device)
         compiled = resolve_compile(ec.compile, device)
-        student_loss = StudentLoss(sc, objective.to(device).loss, compile=compiled)
-        log.info("training %d experts, %d at a time%s", len(todo), per_batch,
-                 ", compiled (torch.compile)" if compiled else "")
+        autocast = autocast_dtype(ec.precision, device, "experts.precision")
+        student_loss = StudentLoss(sc, objective.to(device).loss, compile=compiled,
+                                   autocast=autocast)
+        log.info("training %d experts, %d at a time%s%s", len(todo), per_batch,
+                 ", compiled (torch.compile)" if compiled else "",
+                 ", bfloat16 autocast" if autocast is not None else "")
         if dist.is_main:  # what experts.compile=auto and per_batch=0 resolved to, on record
             append_jsonl(run.metrics, {"phase": "experts-setup", "compiled": compiled,
-                                       "per_batch": per_batch, "device": device.type})
+                                       "per_batch": per_batch, "device": device.type,
+                                       "precision": ec.precision})
         bar = _bar(len(todo) * ec.epochs, "experts", "epoch", progress)
         for first in range(0, len(todo), per_batch):
             group = todo[first : first + per_batch]

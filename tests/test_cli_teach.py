@@ -89,6 +89,18 @@ def test_bf16_experts_are_recorded_and_follow_the_float32_ones(tiny_folder, tmp_
         assert torch.nn.functional.cosine_similarity(b[-1] - f[0], f[-1] - f[0], dim=0) > 0.95
 
 
+def test_bf16_teacher_training_is_recorded_and_really_in_bf16(tiny_folder, tmp_path):
+    assert teach(tiny_folder, tmp_path / "f", "--experts", "0") == 0
+    assert teach(tiny_folder, tmp_path / "b", "--experts", "0",
+                 "--set", "teacher.precision=bf16") == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["config"]["teacher"]["precision"] == "bf16"
+    f, _, _, _ = load_weights(tmp_path / "f" / "teacher.h5")
+    b, _, _, _ = load_weights(tmp_path / "b" / "teacher.h5")
+    assert all(b[name].dtype == f[name].dtype for name in f)
+    assert any(not torch.equal(b[name], f[name]) for name in f)
+
+
 def test_resume_equals_uninterrupted(tiny_folder, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     assert teach(tiny_folder, straight, "--teacher-epochs", "2") == 0

@@ -13,11 +13,13 @@ from ddkd.ssl_training import (
 )
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("method", SSL_METHODS)
-def test_ssl_loss_decreases_for_a_few_steps(method):
+def test_ssl_loss_decreases_for_a_few_steps(method, precision):
     torch.manual_seed(0)
     backbone = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
-    model = SSLModel(backbone, 32, method, proj_dim=32)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    model = SSLModel(backbone, 32, method, proj_dim=32, autocast=autocast)
     view_a, view_b = torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)
     view_b = view_a + 0.3 * view_b  # two "views" of the same images
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
@@ -30,6 +32,15 @@ def test_ssl_loss_decreases_for_a_few_steps(method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32
+                                                for p in model.parameters())
+    if autocast is not None:  # the forward really ran in bfloat16
+        torch.manual_seed(0)
+        exact = SSLModel(ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4)), 32,
+                         method, proj_dim=32)
+        model.load_state_dict(exact.state_dict())
+        got, ref = model.loss(view_a, view_b, 0.0).item(), exact.loss(view_a, view_b, 0.0).item()
+        assert got != ref and got == pytest.approx(ref, rel=5e-2)
 
 
 def test_lr_schedule_warms_up_then_decays():

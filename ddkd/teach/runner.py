@@ -289,6 +289,7 @@ def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, 
         teacher.net, teacher.net.config.feature_dim, tc.ssl,
         SSLSchedule(tc.epochs, tc.batch_size, tc.lr, tc.weight_decay),
         teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim, dist=dist,
+        autocast=autocast_dtype(tc.precision, device, "teacher.precision"),
     )
     ckpt = run.checkpoints / "teacher.pt"
     if ckpt.is_file():

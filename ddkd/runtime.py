@@ -166,6 +166,9 @@ def environment_record() -> dict:
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        # the vector units PyTorch's CPU kernels use (e.g. AVX512), which decide CPU speed
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "malloc_tuned": ALLOCATOR["tuned"],
     }
     for name in ("torchvision", "kornia", "h5py", "lightly", "tqdm"):

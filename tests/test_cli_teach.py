@@ -321,6 +321,7 @@ def test_allocator_tuning_changes_no_result(tiny_folder, tmp_path):
                        check=True, capture_output=True)
         record = json.loads((out / "environment.json").read_text())
         assert record["malloc_tuned"] is (setting == "ddkd")
+        assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         runs[setting] = _experts(out / "experts.h5")
     for a, b in zip(runs["default"], runs["ddkd"], strict=True):
         assert torch.equal(a, b)

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py [--device cpu|cuda] [--shapes fashion-mnist,cifar10-ipc10]
                                   [--syn-steps 5,10,20,40] [--groups 4,8] [--repeats 2]
-                                  [--parts experts,matching] [--precisions fp32,bf16]
+                                  [--parts experts,matching,teacher]
+                                  [--precisions fp32,bf16]
 
 For each shape it prints one table:
 
@@ -12,8 +13,8 @@ For each shape it prints one table:
   (``experts.compile``; the first run, which compiles, is timed apart). ddkd's variants run
   with the allocator setting the ``ddkd`` command makes (``ddkd.runtime.tune_cpu_allocator``);
   the reference runs as published, and once more with that setting, to show what it is worth;
-  with ``bf16`` in ``--precisions``, ddkd's one-at-a-time and batched compiled variants also run
-  under bfloat16 autocast (``experts.precision``);
+  with ``bf16`` in ``--precisions``, ddkd's one-at-a-time variants also run under bfloat16
+  autocast (``experts.precision``; ddkd does not batch bf16 students);
 * trajectory matching, per outer iteration at every ``syn_steps``: time and peak memory of the
   reference (``distill.py``: flat-vector student, fully unrolled graph), ddkd ``unrolled`` and
   ddkd ``constant`` (TESLA-style recomputation), each also under bfloat16 autocast with
@@ -55,7 +56,9 @@ from reference import (  # noqa: E402
 from ddkd.config import ExpertConfig  # noqa: E402
 from ddkd.models.convnet import ConvNet, ConvNetConfig  # noqa: E402
 from ddkd.models.functional import ParamSpec  # noqa: E402
+from ddkd.models.resnet import ResNet, ResNetConfig  # noqa: E402
 from ddkd.runtime import tune_cpu_allocator  # noqa: E402
+from ddkd.ssl_training import SSLModel  # noqa: E402
 from ddkd.synth.matching import (  # noqa: E402
     Segment,
     meta_gradient,
@@ -102,13 +105,15 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
     torch.manual_seed(0)
     cfg = _student(shape)
     c, size, width, depth, dim, n_syn, batch_syn = SHAPES[shape]
-    autocast = torch.bfloat16 if variant.endswith("-bf16") else None
+    amp_dtype = torch.bfloat16 if variant.endswith("-bf16") else None
+    if variant.startswith("teacher-"):
+        return _measure_teacher(c, size, device, amp_dtype, repeats)
     if variant.startswith("experts-"):
         x, z = _data(shape, EXPERT_IMAGES, device)
         ec = ExpertConfig(num_experts=group, epochs=1)
         compiled = "-compiled" in variant
         # one per run, as ddkd teach does
-        loss = StudentLoss(cfg, compile=compiled, autocast=autocast)
+        loss = StudentLoss(cfg, compile=compiled, amp_dtype=amp_dtype)
         if variant.startswith("experts-reference"):
             def run():
                 for _ in range(group):
@@ -150,7 +155,7 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
               else meta_gradient_constant_memory)
 
         def run():
-            fn(model, spec, segment, x_syn, y_syn, alpha, autocast=autocast)
+            fn(model, spec, segment, x_syn, y_syn, alpha, amp_dtype=amp_dtype)
     base = _memory(device, reset=True)
     run()  # warm-up
     with _FlopCount() as counter:
@@ -158,6 +163,28 @@ def measure(variant: str, shape: str, device: torch.device, syn_steps: int, grou
     flops = counter.total
     best = _best_time(run, repeats, device)
     return {"seconds": best, "flops": flops, "peak_bytes": _memory(device) - base}
+
+
+def _measure_teacher(channels: int, size: int, device: torch.device,
+                     amp_dtype: torch.dtype | None, repeats: int) -> dict:
+    """Images/s of one SSL training step of the CPU teacher recipe's network (quarter-width
+    ResNet-18, SimCLR, batch 256, two views; augmentation excluded)."""
+    model = SSLModel(ResNet(ResNetConfig(in_channels=channels, base_width=16)), 128, "simclr",
+                     1024, amp_dtype=amp_dtype).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    view_a = torch.randn(256, channels, size, size, device=device)
+    view_b = torch.randn(256, channels, size, size, device=device)
+
+    def run():
+        for _ in range(3):
+            loss = model(view_a, view_b, 0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    run()  # warm-up
+    best = _best_time(run, repeats, device)
+    return {"seconds": best, "images_per_s": 3 * 256 / best}
 
 
 def _best_time(run, repeats: int, device: torch.device) -> float:
@@ -204,12 +231,13 @@ def _memory(device: torch.device, reset: bool = False) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def conv_throughput(shape: str, device: torch.device) -> float:
-    """FLOP/s of the student's widest convolution, forward, at the expert batch size: what
-    these cores can do on the work that dominates every variant."""
+def conv_throughput(shape: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the student's widest convolution, forward, at the expert batch size, in
+    ``dtype``: what these cores can do on the work that dominates every variant."""
     c, size, width, _, _, _, _ = SHAPES[shape]
-    x = torch.randn(256, width, size, size, device=device)
-    w = torch.randn(width, width, 3, 3, device=device)
+    x = torch.randn(256, width, size, size, device=device, dtype=dtype)
+    w = torch.randn(width, width, 3, 3, device=device, dtype=dtype)
     for _ in range(2):
         torch.nn.functional.conv2d(x, w, padding=1)
     _sync(device)
@@ -243,9 +271,25 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
              f"ConvNet width {SHAPES[shape][2]} depth {SHAPES[shape][3]}, targets "
              f"{SHAPES[shape][4]}-d, {SHAPES[shape][5]} synthetic images, batch_syn "
              f"{SHAPES[shape][6]}; {device.type}, {torch.get_num_threads()} threads)", ""]
-    peak = conv_throughput(shape, device)
-    lines.append(f"Measured convolution throughput: {peak / 1e9:,.1f} GFLOP/s.\n")
+    peak = {"fp32": conv_throughput(shape, device)}
+    text = f"Measured convolution throughput: {peak['fp32'] / 1e9:,.1f} GFLOP/s"
+    if "bf16" in args.precisions:  # the bf16 rows' "of conv peak" is against this one
+        peak["bf16"] = conv_throughput(shape, device, torch.bfloat16)
+        text += f" (bfloat16: {peak['bf16'] / 1e9:,.1f})"
+    lines.append(text + ".\n")
+    if "teacher" in args.parts:
+        lines += ["| SSL teacher step (ResNet-18 x 1/4, SimCLR, batch 256) | images/s | "
+                  "speed-up |", "|---|---|---|"]
+        fp32 = _child("teacher-fp32", shape, args)
+        lines.append(f"| fp32 | {fp32['images_per_s']:,.0f} | 1.00x |")
+        if "bf16" in args.precisions:
+            r = _child("teacher-bf16", shape, args)
+            lines.append(f"| bf16 autocast | {r['images_per_s']:,.0f} | "
+                         f"{r['images_per_s'] / fp32['images_per_s']:.2f}x |")
+        lines.append("")
     if "experts" not in args.parts:
+        if "matching" not in args.parts:
+            return "\n".join(lines)
         return "\n".join(lines + _matching_table(shape, args, peak))
     lines += ["| expert training | experts | images/s | speed-up | first run s (compiling) |",
               "|---|---|---|---|---|"]
@@ -259,10 +303,9 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
                     ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
                     (f"ddkd, {group} batched", "experts-batched"),
                     (f"ddkd, {group} batched, compiled", "experts-batched-compiled")]
-        if bf16:
-            variants += [("ddkd, one at a time, compiled, bf16", "experts-ddkd-compiled-bf16"),
-                         (f"ddkd, {group} batched, compiled, bf16",
-                          "experts-batched-compiled-bf16")]
+        if bf16:  # one at a time only: vmap does not apply autocast (ddkd refuses the mix)
+            variants += [("ddkd, one at a time, bf16", "experts-ddkd-bf16"),
+                         ("ddkd, one at a time, compiled, bf16", "experts-ddkd-compiled-bf16")]
         for name, variant in variants:
             r = ref if variant is None else _child(variant, shape, args, group=group)
             lines.append(f"| {name} | {group} | {r['images_per_s']:,.0f} | "
@@ -273,7 +316,7 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def _matching_table(shape: str, args, peak: float) -> list[str]:
+def _matching_table(shape: str, args, peak: dict[str, float]) -> list[str]:
     lines = ["| matching | syn_steps | s/iteration | speed-up | peak MiB | "
              "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
     for n in args.syn_steps:
@@ -288,10 +331,12 @@ def _matching_table(shape: str, args, peak: float) -> list[str]:
                          ("ddkd constant, bf16", "match-constant-bf16")]
         for name, variant in variants:
             r = ref if variant is None else _child(variant, shape, args, syn_steps=n)
+            precision = "bf16" if name.endswith("bf16") else "fp32"
             lines.append(
                 f"| {name} | {n} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x "
                 f"| {_mib(r['peak_bytes'])} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
-                f"{r['flops'] / 1e9:,.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}% |")
+                f"{r['flops'] / 1e9:,.1f} | "
+                f"{100 * r['flops'] / r['seconds'] / peak[precision]:.0f}% |")
     return lines
 
 
@@ -304,7 +349,8 @@ def main() -> None:
     parser.add_argument("--groups", default="4", help="experts per batch, comma list")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
     parser.add_argument("--parts", default="experts,matching",
-                        help="which tables: experts, matching (comma list)")
+                        help="which tables: experts, matching, teacher (the SSL teacher's "
+                        "step in fp32 and bf16; comma list)")
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="ddkd variants' arithmetic: fp32, bf16 (comma list; fp32 always "
                         "runs)")
@@ -320,8 +366,9 @@ def main() -> None:
     args.precisions = args.precisions.split(",")
     if not set(args.precisions) <= {"fp32", "bf16"}:
         raise SystemExit(f"bench: --precisions {','.join(args.precisions)}; valid: fp32, bf16")
-    if not set(args.parts) <= {"experts", "matching"}:
-        raise SystemExit(f"bench: --parts {','.join(args.parts)}; valid: experts, matching")
+    if not set(args.parts) <= {"experts", "matching", "teacher"}:
+        raise SystemExit(f"bench: --parts {','.join(args.parts)}; valid: experts, matching, "
+                         "teacher")
     device = torch.device(args.device)
     if args.one:
         result = measure(args.one, shapes[0], device, args.syn_steps[0], args.groups[0],

@@ -117,8 +117,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     values = stage_values(recipe, "synthesize") if recipe is not None else {}
     flags = {name: getattr(args, name) for name in (
         "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
-        "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "precision",
-        "seed",
+        "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory",
+        "precision", "seed",
         "segments",
     ) if getattr(args, name) is not None}
     if args.zca:
@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "step backwards; memory flat in N)")
     syn.add_argument("--precision", help="fp32 (MKDT) or bf16: the inner steps' forward in "
                      "bfloat16 under torch.autocast (faster where the hardware has bfloat16 "
-                     "units; the meta-gradient then agrees with fp32's to about 1e-2)")
+                     "units; the meta-gradient keeps fp32's direction, its elements differ "
+                     "by a few percent)")
     syn.add_argument("--zca", action="store_true", help="match in ZCA-whitened space; the "
                      "run must have been made with --set data.zca=true (its experts define "
                      "the space, and a whitened run is always matched whitened)")

@@ -204,7 +204,7 @@ class SynthConfig:
     zca: bool = False  # require the run's ZCA whitening (set at teach time: data.zca)
     memory: str = "unrolled"  # unrolled (MTT: graph of all N steps) | constant (TESLA)
     # fp32 (MTT/MKDT) | bf16: the inner steps' forward under torch.autocast; the meta-gradient
-    # then agrees with fp32's to about 1e-2, not to float tolerance (README, Performance)
+    # keeps fp32's direction but its elements differ by a few percent (README, Performance)
     precision: str = "fp32"
     # expert segments per outer iteration, their meta-gradients averaged (MTT/MKDT: 1); with
     # --devices N each device takes its share

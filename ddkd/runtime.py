@@ -76,13 +76,15 @@ def autocast_dtype(precision: str, device: torch.device, option: str) -> torch.d
         return None
     if precision != "bf16":
         raise ConfigError(f"{option} {precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # bfloat16 units from compute capability 8 (Ampere) on; older GPUs only emulate it
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         raise ConfigError(f"{option} = bf16: this GPU ({torch.cuda.get_device_name(device)}) "
-                          "has no bfloat16 support; use fp32")
+                          "has no bfloat16 units (compute capability < 8.0); use fp32")
     return torch.bfloat16
 
 
-def autocast(device_type: str, dtype: torch.dtype | None):
+def maybe_autocast(device_type: str,
+                   dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast(device_type, dtype)``, or a no-op context for ``dtype=None``."""
     if dtype is None:
         return contextlib.nullcontext()
@@ -152,6 +154,18 @@ def tune_cpu_allocator() -> dict:
     return ALLOCATOR
 
 
+def _cpu_bf16_flags() -> list[str] | None:
+    """The CPU's bfloat16 instruction sets named in /proc/cpuinfo (None where it is absent)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return sorted(f for f in line.split(":", 1)[1].split() if "bf16" in f)
+    except OSError:
+        return None
+    return []
+
+
 def environment_record() -> dict:
     """Library versions and machine facts, written next to every run's outputs."""
     import ddkd
@@ -166,9 +180,11 @@ def environment_record() -> dict:
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        # the vector units PyTorch's CPU kernels use (e.g. AVX512), which decide CPU speed
+        # the vector units PyTorch's CPU kernels use (e.g. AVX512) and whether the CPU has
+        # bfloat16 units: together they decide CPU speed, in fp32 and in bf16
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_bf16_flags": _cpu_bf16_flags(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "malloc_tuned": ALLOCATOR["tuned"],
     }
     for name in ("torchvision", "kornia", "h5py", "lightly", "tqdm"):

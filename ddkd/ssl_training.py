@@ -21,7 +21,7 @@ from torch import nn
 
 from ddkd.data.transforms import Normalization, ssl_augmentation
 from ddkd.errors import TrainingError
-from ddkd.runtime import Ranks, autocast, make_generator
+from ddkd.runtime import Ranks, make_generator, maybe_autocast
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ class SSLModel(nn.Module):
     """Backbone + lightly projection head (+ predictor and momentum copy for BYOL)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, method: str, proj_dim: int,
-                 gather_distributed: bool = False, autocast: torch.dtype | None = None):
+                 gather_distributed: bool = False, amp_dtype: torch.dtype | None = None):
         super().__init__()
-        self.autocast = autocast  # the networks' forward under torch.autocast; losses in fp32
+        self.amp_dtype = amp_dtype  # the networks' forward under torch.autocast; losses in fp32
         from lightly import loss as L
         from lightly.models.modules import heads as H
 
@@ -81,7 +81,7 @@ class SSLModel(nn.Module):
         """SSL loss of two augmented views ``(B, C, H, W)``; ``progress`` in [0, 1] (BYOL tau)."""
         dtype = view_a.dtype
         if self.method != "byol":
-            with autocast(view_a.device.type, self.autocast):
+            with maybe_autocast(view_a.device.type, self.amp_dtype):
                 z_a = self.head(self.backbone(view_a))
                 z_b = self.head(self.backbone(view_b))
             return self.criterion(z_a.to(dtype), z_b.to(dtype))
@@ -90,7 +90,7 @@ class SSLModel(nn.Module):
         tau = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * progress) + 1) / 2
         update_momentum(self.backbone, self.backbone_momentum, tau)
         update_momentum(self.head, self.head_momentum, tau)
-        with autocast(view_a.device.type, self.autocast):
+        with maybe_autocast(view_a.device.type, self.amp_dtype):
             p_a = self.predictor(self.head(self.backbone(view_a)))
             p_b = self.predictor(self.head(self.backbone(view_b)))
             with torch.no_grad():
@@ -128,12 +128,12 @@ class SSLTrainer:
         seed: int,
         proj_dim: int = 1024,
         dist: Ranks | None = None,
-        autocast: torch.dtype | None = None,
+        amp_dtype: torch.dtype | None = None,
     ):
         self.dist = dist or Ranks()
         self.model = SSLModel(backbone, feature_dim, method, proj_dim,
                               gather_distributed=self.dist.world > 1,
-                              autocast=autocast).to(device)
+                              amp_dtype=amp_dtype).to(device)
         # Several processes: DDP averages the gradients; lightly's losses gather the other
         # processes' embeddings (negatives, cross-correlation) so the batch is the global one.
         self.step_model = self.model

@@ -1,5 +1,6 @@
 """``ddkd synthesize`` and ``ddkd inspect`` end to end on a tiny teach run."""
 
+import json
 import subprocess
 import sys
 
@@ -81,6 +82,11 @@ def test_same_seed_same_set_and_resume_equals_uninterrupted(tiny_run, tmp_path, 
     assert synth(tiny_run, resumed, "--set", "checkpoint_minutes=0") == 130
     assert not resumed.exists() and (tmp_path / "resumed.h5.partial" / "checkpoint.pt").exists()
     monkeypatch.setattr(runner, "meta_gradient", original)
+    # as if an older ddkd had begun the run: a setting added since is missing from its record
+    record_file = tmp_path / "resumed.h5.partial" / "config.json"
+    record = json.loads(record_file.read_text())
+    del record["synthesize"]["precision"]
+    record_file.write_text(json.dumps(record))
     assert synth(tiny_run, resumed, "--set", "checkpoint_minutes=0", "--resume") == 0
     a, b = load_synthset(straight), load_synthset(resumed)
     assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)

@@ -238,6 +238,8 @@ def _fails(capsys, argv, match):
         (["--set", "student.depth=4"], "student.depth 4 halves 8x8 images to nothing"),
         (["--set", "experts.momentum=-1"], "experts.momentum must be in [0, 1)"),
         (["--experts-per-batch", "-1"], "--experts-per-batch must be >= 0"),
+        (["--experts-per-batch", "2", "--set", "experts.precision=bf16"],
+         "trains one student at a time (vmap does not apply autocast)"),
         (["--set", "experts.lr=1e9", "--experts-per-batch", "2"], "KD loss became"),
     ],
 )

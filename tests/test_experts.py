@@ -194,7 +194,7 @@ def test_bf16_experts_follow_the_float32_trajectory_closely():
     ec = ExpertConfig(num_experts=1, epochs=3, batch_size=8, lr=0.05)
     fp32, losses32 = train_expert(CFG, ec, x, z, seed=0, k=0)
     bf16, losses16 = train_expert(CFG, ec, x, z, seed=0, k=0,
-                                  loss=StudentLoss(CFG, autocast=torch.bfloat16))
+                                  loss=StudentLoss(CFG, amp_dtype=torch.bfloat16))
     assert bf16.dtype == torch.float32 and torch.equal(bf16[0], fp32[0])
     assert not torch.equal(bf16[-1], fp32[-1])
     moved32, moved16 = fp32[-1] - fp32[0], bf16[-1] - bf16[0]

@@ -123,7 +123,7 @@ def test_bf16_autocast_meta_gradient_points_where_float32_does(memory):
     x, y, alpha = torch.randn(12, 1, 16, 16), torch.randn(12, 8), torch.tensor(0.1)
     ref = meta_gradient(model, spec, segment, x, y, alpha)
     compute = meta_gradient if memory == "unrolled" else meta_gradient_constant_memory
-    got = compute(model, spec, segment, x, y, alpha, autocast=torch.bfloat16)
+    got = compute(model, spec, segment, x, y, alpha, amp_dtype=torch.bfloat16)
 
     def cos(a, b):
         return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()

@@ -18,8 +18,8 @@ from ddkd.ssl_training import (
 def test_ssl_loss_decreases_for_a_few_steps(method, precision):
     torch.manual_seed(0)
     backbone = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
-    autocast = torch.bfloat16 if precision == "bf16" else None
-    model = SSLModel(backbone, 32, method, proj_dim=32, autocast=autocast)
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+    model = SSLModel(backbone, 32, method, proj_dim=32, amp_dtype=amp_dtype)
     view_a, view_b = torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)
     view_b = view_a + 0.3 * view_b  # two "views" of the same images
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
@@ -34,7 +34,7 @@ def test_ssl_loss_decreases_for_a_few_steps(method, precision):
     assert losses[-1] < losses[0]
     assert loss.dtype == torch.float32 and all(p.dtype == torch.float32
                                                 for p in model.parameters())
-    if autocast is not None:  # the forward really ran in bfloat16
+    if amp_dtype is not None:  # the forward really ran in bfloat16
         torch.manual_seed(0)
         exact = SSLModel(ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4)), 32,
                          method, proj_dim=32)

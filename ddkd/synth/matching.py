@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkd.models.functional import ParamSpec, functional_forward
-from ddkd.runtime import autocast as autocast_context
+from ddkd.runtime import maybe_autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Augment = Callable[[torch.Tensor, int], torch.Tensor]  # (images, step) -> augmented images
@@ -57,13 +57,13 @@ class Segment:
 
 def student_loss(model: nn.Module, spec: ParamSpec, theta: torch.Tensor, x: torch.Tensor,
                  y: torch.Tensor, loss_fn: LossFn = mse_loss,
-                 autocast: torch.dtype | None = None) -> torch.Tensor:
-    """The KD loss of the student at ``theta`` on one batch. With ``autocast`` (e.g.
+                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The KD loss of the student at ``theta`` on one batch. With ``amp_dtype`` (e.g.
     ``torch.bfloat16``) the network's forward runs under ``torch.autocast`` (mixed precision:
     convolutions and matrix products in that dtype, parameters and the loss in float32)."""
-    with autocast_context(x.device.type, autocast):
+    with maybe_autocast(x.device.type, amp_dtype):
         out = functional_forward(model, spec, theta, x)
-    return loss_fn(out if autocast is None else out.to(y.dtype), y)
+    return loss_fn(out if amp_dtype is None else out.to(y.dtype), y)
 
 
 def sample_batches(n_syn: int, syn_steps: int, batch_syn: int,
@@ -91,7 +91,7 @@ def unroll(
     loss_fn: LossFn = mse_loss,
     augment: Augment | None = None,
     create_graph: bool = True,
-    autocast: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """N inner SGD steps from ``theta_start``; returns theta_N ``(P,)``.
 
@@ -103,7 +103,7 @@ def unroll(
         x = x_syn[idx]  # (b, C, H, W)
         if augment is not None:
             x = augment(x, step)
-        loss = student_loss(model, spec, theta, x, y_syn[idx], loss_fn, autocast)
+        loss = student_loss(model, spec, theta, x, y_syn[idx], loss_fn, amp_dtype)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
         theta = theta - alpha * grad
         if not create_graph:
@@ -136,16 +136,16 @@ def meta_gradient(
     alpha: torch.Tensor,
     loss_fn: LossFn = mse_loss,
     augment: Augment | None = None,
-    autocast: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> MetaGradient:
     """Matching loss and its gradient w.r.t. images, targets and step size, by backpropagating
-    through the fully unrolled graph (MTT's method; memory linear in N). ``autocast``: see
+    through the fully unrolled graph (MTT's method; memory linear in N). ``amp_dtype``: see
     :func:`student_loss`."""
     x = x_syn.detach().requires_grad_(True)
     y = y_syn.detach().requires_grad_(True)
     a = alpha.detach().requires_grad_(True)
     theta_end = unroll(model, spec, segment.theta_start, x, y, a, segment.batches, loss_fn,
-                       augment, autocast=autocast)
+                       augment, amp_dtype=amp_dtype)
     loss = matching_loss(theta_end, segment.theta_start, segment.theta_target)
     grad_x, grad_y, grad_alpha = torch.autograd.grad(loss, (x, y, a))
     return MetaGradient(loss.detach(), grad_x, grad_y, grad_alpha)
@@ -160,7 +160,7 @@ def meta_gradient_constant_memory(
     alpha: torch.Tensor,
     loss_fn: LossFn = mse_loss,
     augment: Augment | None = None,
-    autocast: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> MetaGradient:
     """The same gradient as :func:`meta_gradient`, with activation memory flat in N.
 
@@ -184,7 +184,7 @@ def meta_gradient_constant_memory(
     for step, idx in enumerate(segment.batches[:-1]):  # theta_N itself comes from the last step
         theta = thetas[-1].requires_grad_(True)
         xb = augment(x[idx], step) if augment is not None else x[idx]
-        loss = student_loss(model, spec, theta, xb, y[idx], loss_fn, autocast)
+        loss = student_loss(model, spec, theta, xb, y[idx], loss_fn, amp_dtype)
         (grad,) = torch.autograd.grad(loss, theta)
         thetas[-1] = theta.detach()
         thetas.append((theta - a * grad).detach())
@@ -200,7 +200,7 @@ def meta_gradient_constant_memory(
         xb_leaf = x[idx].detach().requires_grad_(True)
         yb_leaf = y[idx].detach().requires_grad_(True)
         xb = augment(xb_leaf, step) if augment is not None else xb_leaf
-        loss = student_loss(model, spec, theta, xb, yb_leaf, loss_fn, autocast)
+        loss = student_loss(model, spec, theta, xb, yb_leaf, loss_fn, amp_dtype)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
         if lam is None:  # the last step: theta_N and the adjoint of the matching loss
             theta_end = (theta - a * grad).detach()

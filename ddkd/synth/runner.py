@@ -207,6 +207,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     if ParamSpec.of(model) != spec:
         raise ConfigError(f"{opened.run.experts}: its parameter layout does not match the "
                           "ConvNet it describes (written by another ddkd version?)")
+    amp_dtype = autocast_dtype(config.precision, device, "--precision")
     partial = out.with_name(out.name + ".partial")
     ckpt = partial / "checkpoint.pt"
     record = {"synthesize": to_dict(config), "run": str(opened.run.root.resolve()), "size": n,
@@ -216,7 +217,10 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     if resume:
         if not (partial / "config.json").is_file():
             raise ConfigError(f"--resume: there is no unfinished run for {out} (no {partial})")
-        if json.loads((partial / "config.json").read_text()) != record:
+        saved = json.loads((partial / "config.json").read_text())
+        # a run begun by an older ddkd lacks the settings added since: they had their defaults
+        saved["synthesize"] = {**to_dict(SynthConfig()), **saved.get("synthesize", {})}
+        if saved != record:
             raise ConfigError(f"--resume: the configuration differs from the unfinished run in "
                               f"{partial}; resume with the same options, or drop --resume and "
                               "pass --overwrite to start again")
@@ -276,7 +280,6 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
 
     last_ckpt = time.time()
     compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
-    autocast = autocast_dtype(config.precision, device, "--precision")
     for it in range(start, config.iterations):
         # This process's share of the iteration's segments (all of them on one device).
         mine = [sample_segment(experts, config, n, it, device, j)
@@ -286,7 +289,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             augment = ((lambda x, step, it=it, j=j: dsa(x, it, step, j)) if dsa is not None
                        else None)
             mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
-                         objective.loss, augment=augment, autocast=autocast)
+                         objective.loss, augment=augment, amp_dtype=amp_dtype)
             parts = (mg.loss.reshape(1), mg.grad_x, mg.grad_y, mg.grad_alpha.reshape(1))
             total = (list(parts) if total is None
                      else [a + b for a, b in zip(total, parts, strict=True)])

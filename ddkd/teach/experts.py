@@ -36,8 +36,7 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import flat_params
-from ddkd.runtime import autocast as autocast_context
-from ddkd.runtime import make_generator
+from ddkd.runtime import autocast_dtype, make_generator, maybe_autocast
 
 # Sub-stream ids of :func:`ddkd.runtime.make_generator` for the experts.
 _STREAM_INIT, _STREAM_ORDER = 20, 21
@@ -74,13 +73,13 @@ class StudentLoss:
 
     def __init__(self, config: ConvNetConfig,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
-                 compile: bool = False, autocast: torch.dtype | None = None):
+                 compile: bool = False, amp_dtype: torch.dtype | None = None):
         template = ConvNet(config).to("meta")
 
         def one(p, b, x, z):  # (b, C, H, W), (b, D) -> ()
-            with autocast_context(x.device.type, autocast):  # experts.precision
+            with maybe_autocast(x.device.type, amp_dtype):  # experts.precision
                 out = functional_call(template, (p, b), (x,))
-            return loss_fn(out if autocast is None else out.to(z.dtype), z)
+            return loss_fn(out if amp_dtype is None else out.to(z.dtype), z)
 
         self._one = torch.compile(one, dynamic=False) if compile else one
         group = vmap(one)  # (G, b, C, H, W), (G, b, D) -> (G,)
@@ -176,11 +175,24 @@ def train_expert(
     return torch.stack(snapshots), losses
 
 
-def default_experts_per_batch(device: torch.device) -> int:
-    """Students per group when ``experts.per_batch`` is 0: batched on a GPU, where one small
+def experts_plan(experts: ExpertConfig, device: torch.device) -> tuple[int, torch.dtype | None]:
+    """``(students per group, autocast dtype)`` of ``experts`` on ``device``.
+
+    ``experts.per_batch`` 0 means the device's default: batched (8) on a GPU, where one small
     ConvNet leaves it mostly idle; one at a time on the CPU, where a single student already
-    keeps the cores busy (measured by ``bench/``)."""
-    return 8 if device.type == "cuda" else 1
+    keeps the cores busy (measured by ``bench/``). ``experts.precision = bf16`` trains one at a
+    time: ``vmap`` does not apply ``torch.autocast`` inside the batched forward (measured: the
+    convolutions stay float32), so a group would silently train in float32.
+    """
+    amp_dtype = autocast_dtype(experts.precision, device, "experts.precision")
+    if amp_dtype is None:
+        return experts.per_batch or (8 if device.type == "cuda" else 1), None
+    if experts.per_batch > 1:
+        raise ConfigError(f"experts.precision = {experts.precision} trains one student at a "
+                          f"time (vmap does not apply autocast), but --experts-per-batch is "
+                          f"{experts.per_batch}; use --experts-per-batch 1 or "
+                          "experts.precision=fp32")
+    return 1, amp_dtype
 
 
 def train_experts(

@@ -45,7 +45,7 @@ from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
 from ddkd.teach.experts import (
     StudentLoss,
-    default_experts_per_batch,
+    experts_plan,
     init_student,
     resolve_compile,
     train_experts,
@@ -154,6 +154,8 @@ def run_teach(
     teacher = _resolve_teacher(config, train)
     student_config(config, train.shape, teacher.dim)  # validates the student before writing
     objective = _objective(config, teacher, len(train))
+    autocast_dtype(config.teacher.precision, device, "teacher.precision")
+    experts_plan(config.experts, device)
     if dist.is_main:
         run = prepare_run_dir(out, to_dict(config), resume=resume, overwrite=overwrite,
                               complete=lambda old: to_dict(build_config(TeachConfig, old)))
@@ -289,7 +291,7 @@ def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, 
         teacher.net, teacher.net.config.feature_dim, tc.ssl,
         SSLSchedule(tc.epochs, tc.batch_size, tc.lr, tc.weight_decay),
         teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim, dist=dist,
-        autocast=autocast_dtype(tc.precision, device, "teacher.precision"),
+        amp_dtype=autocast_dtype(tc.precision, device, "teacher.precision"),
     )
     ckpt = run.checkpoints / "teacher.pt"
     if ckpt.is_file():
@@ -386,14 +388,13 @@ def _record_experts(config: TeachConfig, sc: ConvNetConfig, train: ImageTensors,
         shards = [run.expert_shards / f"expert_{k:04d}.h5" for k in range(ec.num_experts)]
         todo = [k for k in range(ec.num_experts)
                 if k % dist.world == dist.rank and not shards[k].is_file()]
-        per_batch = ec.per_batch or default_experts_per_batch(device)
+        per_batch, amp_dtype = experts_plan(ec, device)
         compiled = resolve_compile(ec.compile, device)
-        autocast = autocast_dtype(ec.precision, device, "experts.precision")
         student_loss = StudentLoss(sc, objective.to(device).loss, compile=compiled,
-                                   autocast=autocast)
+                                   amp_dtype=amp_dtype)
         log.info("training %d experts, %d at a time%s%s", len(todo), per_batch,
                  ", compiled (torch.compile)" if compiled else "",
-                 ", bfloat16 autocast" if autocast is not None else "")
+                 ", bfloat16 autocast" if amp_dtype is not None else "")
         if dist.is_main:  # what experts.compile=auto and per_batch=0 resolved to, on record
             append_jsonl(run.metrics, {"phase": "experts-setup", "compiled": compiled,
                                        "per_batch": per_batch, "device": device.type,

@@ -16,8 +16,7 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.objectives.skd import SKDObjective, plan_stages, teacher_stage_maps
-from ddkd.runtime import autocast as autocast_context
-from ddkd.runtime import autocast_dtype, make_generator
+from ddkd.runtime import autocast_dtype, make_generator, maybe_autocast
 from ddkd.teach.experts import init_student
 
 # Sub-streams of :func:`ddkd.runtime.make_generator` for the block stages.
@@ -73,7 +72,7 @@ def train_stage(student: ConvNet, s: int, targets: torch.Tensor, x_train: torch.
     Same optimiser settings and precision as the experts; ``experts.stage_epochs`` epochs.
     -> epoch losses."""
     device = x_train.device
-    dtype = autocast_dtype(experts.precision, device, "experts.precision")
+    amp_dtype = autocast_dtype(experts.precision, device, "experts.precision")
     block, prefix = student.block(s), student.body[: 4 * s]
     gen = make_generator(seed, _STREAM_ADAPTER, k, s)
     with torch.random.fork_rng(devices=[]):
@@ -92,11 +91,11 @@ def train_stage(student: ConvNet, s: int, targets: torch.Tensor, x_train: torch.
         total = torch.zeros((), device=device)
         for start in range(0, n, experts.batch_size):
             idx = order[start : start + experts.batch_size]
-            with autocast_context(device.type, dtype):
+            with maybe_autocast(device.type, amp_dtype):
                 with torch.no_grad():
                     h = prefix(x_train[idx])
                 out = adapter(block(h))
-            loss = SKDObjective.stage_loss(out if dtype is None else out.to(targets.dtype),
+            loss = SKDObjective.stage_loss(out if amp_dtype is None else out.to(targets.dtype),
                                            targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

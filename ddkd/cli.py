@@ -237,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _print_teach_summary(summary: dict) -> None:
     knn = summary["teacher_knn"]
-    loss = summary["expert_final_loss_mean"]
+    loss, fit = summary["expert_final_loss_mean"], summary.get("expert_fit")
     lines = [
         f"ddkd teach: done in {summary['seconds']:.0f}s -> {summary['run']}",
         f"  data            {summary['dataset']}, {summary['train_images']} training images, "
@@ -245,7 +245,8 @@ def _print_teach_summary(summary: dict) -> None:
         f"  kNN (k={knn['k']}, test) teacher {100 * knn['teacher']:.2f}%  |  random-init "
         f"network {100 * knn['random_init']:.2f}%  |  raw pixels {100 * knn['raw_pixels']:.2f}%",
         f"  experts         {summary['experts']} x {summary['expert_epochs']} epochs"
-        + (f", final KD loss (mean) {loss:.4g}" if loss is not None else ""),
+        + (f", final KD loss (mean) {loss:.4g}" if loss is not None else "")
+        + (f", {100 * fit:.0f}% of the targets' variance explained" if fit is not None else ""),
     ]
     print("\n".join(lines))
 

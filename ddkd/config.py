@@ -126,6 +126,10 @@ class ExpertConfig:
     weight_decay: float = 1e-4
     batch_size: int = 256
     objective: str = "mse"
+    # mse: none (MKDT: the raw teacher features) | standardize (z-scored per dimension; see
+    # ddkd/objectives/mse.py for when it is needed). The other objectives define their own
+    # target scale (kdep: unit RMS, tcs: PCA coordinates, ssld: softmax, skd: normalisers).
+    target_norm: str = "none"
     dtype: str = "float32"  # on-disk dtype of the snapshots: float32 | float16
     # Students trained at once, batched (0 = the device's default; see teach/experts.py).
     # The trajectories do not depend on it beyond float tolerance.
@@ -160,6 +164,7 @@ class ExpertConfig:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective {self.objective!r} is unknown; valid: "
                               f"{', '.join(OBJECTIVES)}")
+        _one_of("experts.target_norm", self.target_norm, ("none", "standardize"))
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
         if self.compile not in ("auto", "on", "off"):

@@ -7,11 +7,12 @@ import torch
 
 from conftest import TINY_TEACH
 from ddkd.cli import main
+from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError
 from ddkd.io.experts import ExpertsFile
 from ddkd.io.run import load_objective_state
 from ddkd.io.synthset import load_synthset
-from ddkd.objectives import OBJECTIVES, build_objective
+from ddkd.objectives import OBJECTIVES, build_objective, restore_objective
 from ddkd.objectives.kdep import pts
 
 D = 16
@@ -52,6 +53,50 @@ def test_kdep_targets_are_centred_rotated_and_squashed():
                                rtol=0)  # a rotation
     t = obj.targets(z)
     assert abs(t.pow(2).mean().sqrt().item() - 1) < 1e-3  # recalibrated T: unit RMS
+
+
+def test_mse_standardize_z_scores_each_dimension_and_round_trips():
+    z = _features()
+    raw = build_objective("mse", D)
+    raw.fit(z, torch.Generator().manual_seed(1))
+    assert raw.state_dict() == {} and torch.equal(raw.targets(z), z)  # MKDT: the raw features
+    obj = build_objective("mse", D, standardize=True)
+    obj.fit(z, torch.Generator().manual_seed(1))
+    t = obj.targets(z)
+    torch.testing.assert_close(t.mean(0), torch.zeros(D), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.std(0), torch.ones(D), atol=1e-5, rtol=0)
+    # the saved state alone says which variant it is (a synthetic set restores it by name)
+    again = restore_objective("mse", obj.state_dict(), target_dim=D)
+    assert again.standardize and torch.equal(again.targets(z[:7]), obj.targets(z[:7]))
+    assert not restore_objective("mse", {}, target_dim=D).standardize
+    # a constant teacher dimension (a dead unit) is not divided by zero
+    z[:, 3] = 1.5
+    obj.fit(z, torch.Generator())
+    assert torch.isfinite(obj.targets(z)).all() and obj.targets(z)[:, 3].abs().max() == 0
+
+
+def test_unknown_target_norm_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="experts.target_norm 'zscore' is unknown; valid: "
+                                          "none, standardize"):
+        ExpertConfig(target_norm="zscore")
+
+
+def test_teach_warns_when_the_experts_learned_only_the_targets_mean(caplog):
+    from ddkd.teach.runner import _expert_fit
+
+    z = _features() * 0.01  # a tiny teacher scale, like the shipped teacher's
+    obj = build_objective("mse", D)
+    variance = (z - z.mean(0)).pow(2).mean().item()
+    with caplog.at_level("WARNING", logger="ddkd.teach.runner"):
+        fit = _expert_fit(obj, z, [variance, variance], ExpertConfig())
+    assert fit == pytest.approx(0, abs=1e-4)
+    assert "explain only 0.0% of the targets' variance" in caplog.text
+    assert "experts.target_norm=standardize" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddkd.teach.runner"):
+        assert _expert_fit(obj, z, [0.4 * variance], ExpertConfig()) == pytest.approx(0.6)
+    assert caplog.text == ""
+    assert _expert_fit(_fitted("kdep"), z, [0.1], ExpertConfig()) is None  # not a regression
 
 
 def test_pts_is_odd_and_monotone():
@@ -134,14 +179,23 @@ def test_fitted_state_round_trips(name):
 # --- through the stages: teach -> synthesize -> evaluate, for every objective -----------------
 
 
-@pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_every_objective_runs_through_the_pipeline(name, tiny_folder, tmp_path):
+@pytest.mark.parametrize("variant", [*OBJECTIVES, "mse-raw"])
+def test_every_objective_runs_through_the_pipeline(variant, tiny_folder, tmp_path):
     run, synth = tmp_path / "run", tmp_path / "set.h5"
+    name = variant.split("-")[0]
+    # the default recipe standardises mse's targets (an option the others ignore); mse-raw:
+    # MKDT's raw teacher features
+    norm = "none" if variant == "mse-raw" else "standardize"
     # kdep's pre-ReLU student side needs student.width <= the teacher's 32 dimensions
     assert main(["teach", "--dataset", f"imagefolder:{tiny_folder}", "--out", str(run),
-                 *TINY_TEACH, "--objective", name, "--set", "experts.anchors=6"]) == 0
+                 *TINY_TEACH, "--objective", name, "--set", "experts.anchors=6",
+                 "--set", f"experts.target_norm={norm}"]) == 0
     saved_name, state = load_objective_state(run / "targets.h5")
-    assert saved_name == name and (name == "mse") == (state == {})
+    assert saved_name == name
+    if name == "mse":
+        assert set(state) == ({"mean", "std"} if norm == "standardize" else set())
+    else:
+        assert state and "std" not in state
     with ExpertsFile(run / "experts.h5") as experts:
         assert experts.header.objective == name
         assert experts.header.student["output"] == ("prerelu" if name == "kdep" else "linear")

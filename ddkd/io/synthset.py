@@ -12,7 +12,8 @@ Layout (documented for users in ``synth_sets/README.md``)::
                             the set was initialised from
     /normalization/mean     (C,) float64 per-channel mean in [0, 1] pixel units
     /normalization/std      (C,) float64 per-channel std
-    /objective/...          the objective's fitted state (empty for "mse")
+    /objective/...          the objective's fitted state (for "mse": empty, or the mean
+                            and std of its standardised targets)
     /zca/mean, /zca/matrix, /zca/inverse   only for whitened sets: (d,), (d, d), (d, d)
                             with d = C*H*W; attr eps. Normalised images = images @ inverse + mean
     /history/loss           (iterations,) float32 matching loss per iteration

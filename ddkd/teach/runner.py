@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddkd.config import TeachConfig, build_config, to_dict
+from ddkd.config import ExpertConfig, TeachConfig, build_config, to_dict
 from ddkd.data.datasets import ImageTensors, load_dataset
 from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
@@ -253,6 +253,7 @@ def run_teach(
                                     zca, run, device, progress, dist)
     if not dist.is_main:
         return {"run": str(run.root), "rank": dist.rank}
+    fit = _expert_fit(objective, z_train, expert_losses, config.experts)
     summary = {
         "run": str(run.root),
         "dataset": config.data.dataset,
@@ -263,6 +264,7 @@ def run_teach(
         "expert_epochs": config.experts.epochs,
         "expert_final_loss_mean": (sum(expert_losses) / len(expert_losses)
                                    if expert_losses else None),
+        "expert_fit": fit,
         "seconds": round(time.time() - t_start, 1),
     }
     write_json(run.summary, summary)
@@ -347,10 +349,36 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
     }
 
 
+def _expert_fit(objective: Objective, z_train: torch.Tensor, losses: list[float],
+                ec: ExpertConfig) -> float | None:
+    """mse only: the fraction of the targets' variance that the experts explain at their last
+    epoch, ``1 - loss / loss of the targets' mean`` (an R^2; None for the other objectives,
+    whose losses are not plain regressions). Warns when it is near zero: the students then
+    learned the mean and nothing else, and no synthetic set can carry what they never learned."""
+    if objective.name != "mse" or not losses:
+        return None
+    targets = objective.targets(z_train).double()
+    constant = (targets - targets.mean(0)).pow(2).mean().item()
+    fit = 1.0 - (sum(losses) / len(losses)) / constant if constant > 0 else 0.0
+    if fit < 0.1:
+        rms = targets.pow(2).mean().sqrt().item()
+        hint = ("raise experts.epochs or experts.lr" if ec.target_norm == "standardize" else
+                "--set experts.target_norm=standardize (see ddkd/objectives/mse.py)")
+        log.warning("the experts explain only %.1f%% of the targets' variance after %d epochs "
+                    "(final loss %.3g, the targets' variance %.3g, their RMS %.3g): they learned "
+                    "little beyond the targets' mean, so their trajectories carry little of the "
+                    "teacher; %s", 100 * fit, ec.epochs, sum(losses) / len(losses), constant,
+                    rms, hint)
+    return round(fit, 4)
+
+
 def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Objective:
     """The experts' KD objective, unfitted (checked against the teacher and the data before
     anything is written)."""
     name, anchors, teacher_dim = config.experts.objective, config.experts.anchors, teacher.dim
+    if name != "mse" and config.experts.target_norm != "none":
+        log.info("experts.target_norm = %s is mse's option; %s keeps its own target scale",
+                 config.experts.target_norm, name)
     if name == "skd":
         teacher_stage_modules(teacher.net)  # a teacher without stages cannot teach skd
     if name == "kdep":
@@ -361,6 +389,9 @@ def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Object
                               f"as many training images, got {num_train}; lower --set "
                               "experts.anchors")
         return build_objective(name, teacher_dim, num_anchors=anchors)
+    if name == "mse":
+        return build_objective(name, teacher_dim,
+                               standardize=config.experts.target_norm == "standardize")
     return build_objective(name, teacher_dim)
 
 

@@ -43,3 +43,24 @@ def test_flat_params_round_trip_and_functional_forward():
     assert torch.allclose(functional_forward(net, spec, flat, x), net(x))
     moved = functional_forward(net, spec, flat + 1.0, x)
     assert not torch.allclose(moved, net(x))
+
+
+def test_kdep_student_side_depends_on_the_input_under_instance_norm():
+    # One pooled cell per channel (width x 1 x 1 = out_dim): after instance norm every channel's
+    # spatial mean is the norm's bias, so "prerelu" is the same for every input; "prenorm", the
+    # convolution's signed output, is what kdep's students regress.
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    config = dict(in_channels=1, image_size=16, depth=2, width=8, out_dim=8)
+    degenerate = ConvNet(ConvNetConfig(**config, output="prerelu"))
+    out = degenerate(x)
+    torch.testing.assert_close(out, out[:1].expand_as(out), atol=1e-5, rtol=0)
+    net = ConvNet(ConvNetConfig(**config, output="prenorm"))
+    net.load_state_dict(degenerate.state_dict())
+    out = net(x)
+    assert out.shape == (4, 8) and (out - out[:1]).abs().max() > 1e-2
+    assert (out < 0).any() and (out > 0).any()  # signed
+    conv = net.body[:-3](x)  # the last block's convolution, pooled to one cell per channel
+    torch.testing.assert_close(out, conv.mean((2, 3)))
+    with pytest.raises(ValueError, match="expected linear, prenorm or prerelu"):
+        ConvNet(ConvNetConfig(**{**config, "output": "relu"}))

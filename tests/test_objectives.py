@@ -198,7 +198,7 @@ def test_every_objective_runs_through_the_pipeline(variant, tiny_folder, tmp_pat
         assert state and "std" not in state
     with ExpertsFile(run / "experts.h5") as experts:
         assert experts.header.objective == name
-        assert experts.header.student["output"] == ("prerelu" if name == "kdep" else "linear")
+        assert experts.header.student["output"] == ("prenorm" if name == "kdep" else "linear")
         start = experts.snapshot(1, 0)
     if name == "skd":  # the trajectory starts where the block stages left the student
         from ddkd.models import ConvNetConfig

@@ -27,8 +27,11 @@ class ConvNetConfig:
     width: int = 128
     norm: str = "instancenorm"  # instancenorm | batchnorm | none
     out_dim: int = 512  # target dimension of the head; 0 drops the head
-    # "linear": a linear head on the flat features. "prerelu": no parameters; the last block's
-    # pre-ReLU map average-pooled to out_dim / width cells (KDEP's signed student side).
+    # "linear": a linear head on the flat features. "prenorm": no parameters; the last block's
+    # convolution output (before its norm and ReLU: signed) average-pooled to out_dim / width
+    # cells, KDEP's student side. "prerelu": the same after the norm; kept to read runs made
+    # before "prenorm", it is degenerate under instance norm (each channel's spatial mean is
+    # the norm's bias whatever the input, so one cell per channel is a constant output).
     output: str = "linear"
 
     def block_size(self, s: int) -> int:
@@ -76,15 +79,15 @@ class ConvNet(nn.Module):
             channels = config.width
         self.body = nn.Sequential(*layers)
         self.head = None
-        if config.output == "prerelu":
+        if config.output in ("prenorm", "prerelu"):
             cells = math.isqrt(max(1, config.out_dim // config.width))
             if cells * cells * config.width != config.out_dim:
                 raise ValueError(f"a prerelu output of {config.out_dim} is not width "
                                  f"{config.width} x a square number of cells")
             self.cells = cells
         elif config.output != "linear":
-            raise ValueError(f"unknown ConvNet output {config.output!r}; expected linear or "
-                             "prerelu")
+            raise ValueError(f"unknown ConvNet output {config.output!r}; expected linear, "
+                             "prenorm or prerelu")
         elif config.out_dim:
             self.head = nn.Linear(config.feature_dim(), config.out_dim)
 
@@ -96,8 +99,9 @@ class ConvNet(nn.Module):
         return self.body(x).flatten(1)  # (B, feature_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.output == "prerelu":
-            pre_relu = self.body[:-2](x)  # the last block's conv + norm: (B, width, h, w)
-            return F.adaptive_avg_pool2d(pre_relu, self.cells).flatten(1)
+        if self.config.output != "linear":
+            # the last block's conv (prenorm) or conv + norm (prerelu): (B, width, h, w)
+            signed = self.body[: -3 if self.config.output == "prenorm" else -2](x)
+            return F.adaptive_avg_pool2d(signed, self.cells).flatten(1)
         feats = self.features(x)
         return self.head(feats) if self.head is not None else feats

@@ -47,9 +47,10 @@ def restore_objective(name: str, state: dict, target_dim: int) -> Objective:
 
 
 def student_output(objective: Objective, width: int) -> str:
-    """The student's output mode for ``objective``: KDEP regresses the signed pre-ReLU map,
-    every other objective a linear head (see :class:`ddkd.models.ConvNetConfig`)."""
-    return "prerelu" if objective.name == "kdep" else "linear"
+    """The student's output mode for ``objective``: KDEP regresses the signed map of the last
+    convolution (before norm and ReLU), every other objective a linear head (see
+    :class:`ddkd.models.ConvNetConfig`)."""
+    return "prenorm" if objective.name == "kdep" else "linear"
 
 
 __all__ = ["OBJECTIVES", "Objective", "build_objective", "restore_objective", "student_output"]

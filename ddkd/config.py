@@ -126,9 +126,9 @@ class ExpertConfig:
     weight_decay: float = 1e-4
     batch_size: int = 256
     objective: str = "mse"
-    # mse: none (MKDT: the raw teacher features) | standardize (z-scored per dimension; see
-    # ddkd/objectives/mse.py for when it is needed). The other objectives define their own
-    # target scale (kdep: unit RMS, tcs: PCA coordinates, ssld: softmax, skd: normalisers).
+    # mse (and skd's global stage): none (MKDT: the raw teacher features) | standardize
+    # (z-scored per dimension; see ddkd/objectives/mse.py for when it is needed). The others
+    # define their own target scale (kdep: unit RMS, tcs: hashed directions, ssld: softmax).
     target_norm: str = "none"
     dtype: str = "float32"  # on-disk dtype of the snapshots: float32 | float16
     # Students trained at once, batched (0 = the device's default; see teach/experts.py).

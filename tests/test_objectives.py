@@ -96,7 +96,23 @@ def test_teach_warns_when_the_experts_learned_only_the_targets_mean(caplog):
     with caplog.at_level("WARNING", logger="ddkd.teach.runner"):
         assert _expert_fit(obj, z, [0.4 * variance], ExpertConfig()) == pytest.approx(0.6)
     assert caplog.text == ""
-    assert _expert_fit(_fitted("kdep"), z, [0.1], ExpertConfig()) is None  # not a regression
+    assert _expert_fit(_fitted("ssld"), z, [0.1], ExpertConfig()) is None  # not a regression
+    kdep = _fitted("kdep")  # 3 x MSE on unit-RMS targets: the mean's loss is 3 x their variance
+    assert _expert_fit(kdep, _features(), [0.3 * 3], ExpertConfig()) == pytest.approx(0.7, abs=0.01)
+
+
+def test_skd_global_stage_standardises_like_mse():
+    z = _features()
+    obj = build_objective("skd", D, standardize=True)
+    obj.fit(z, torch.Generator())
+    obj.fit_stages([1], [2], [torch.zeros(3)], [torch.ones(3)])
+    mse = build_objective("mse", D, standardize=True)
+    mse.fit(z, torch.Generator())
+    assert torch.equal(obj.targets(z), mse.targets(z))
+    again = restore_objective("skd", obj.state_dict(), target_dim=D)
+    assert {"mean", "std", "stage_source"} <= set(obj.state_dict())
+    assert torch.equal(again.targets(z), obj.targets(z))
+    assert not restore_objective("skd", _fitted("skd").state_dict(), target_dim=D).standardize
 
 
 def test_pts_is_odd_and_monotone():
@@ -194,8 +210,8 @@ def test_every_objective_runs_through_the_pipeline(variant, tiny_folder, tmp_pat
     assert saved_name == name
     if name == "mse":
         assert set(state) == ({"mean", "std"} if norm == "standardize" else set())
-    else:
-        assert state and "std" not in state
+    else:  # skd's global stage standardises like mse; the others ignore the option
+        assert state and ("std" in state) == (name == "skd")
     with ExpertsFile(run / "experts.h5") as experts:
         assert experts.header.objective == name
         assert experts.header.student["output"] == ("prenorm" if name == "kdep" else "linear")

@@ -9,21 +9,23 @@ of a ResNet, found by name): the stage whose map is the smallest one at least as
 block's output, average-pooled to the block's size and standardised per channel with the mean
 and standard deviation fitted once on the training images. The loss is ``MSE_mean``. After the
 ``depth`` block stages comes the global-feature stage: MKDT's ``MSE_mean(head(f_s), f_t)`` on
-the raw teacher feature, training every parameter (the paper's last stage trains only what is
-left, with labels; here the last stage must move the whole network, or the trajectory would
-say nothing about the encoder that a synthetic set is meant to pre-train).
+the teacher feature (raw, or standardised per dimension exactly as ``mse`` does with
+``experts.target_norm = standardize``), training every parameter (the paper's last stage
+trains only what is left, with labels; here the last stage must move the whole network, or
+the trajectory would say nothing about the encoder that a synthetic set is meant to pre-train).
 
 **How ``synthesize`` treats the piecewise trajectory: as an initialisation.** The block stages
 are run first and are not recorded (their losses go to metrics.jsonl); the experts file records
 the global stage, whose epoch 0 is the stagewise-trained student. Trajectory matching therefore
-works unchanged: the synthetic targets live in the global stage's target space (raw teacher
+works unchanged: the synthetic targets live in the global stage's target space (the teacher
 features, as for ``mse``), and every matched segment starts from a stagewise-initialised student
 rather than from a random one. ``evaluate`` pre-trains a fresh encoder on the set with the global
 loss. The alternative, matching per-stage segments, would need the teacher's feature maps of the
 synthetic images as further learned targets and a stage-aware inner loop, and was not chosen.
 
 Fitted state: ``stage_source`` (the teacher stage of every block), ``stage_size`` (the block's
-output size) and ``stage{s}_mean`` / ``stage{s}_std`` (the per-channel normalisers).
+output size) and ``stage{s}_mean`` / ``stage{s}_std`` (the per-channel normalisers); with
+standardised global targets also ``mean`` / ``std``, as for ``mse``.
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ class SKDObjective(MSEObjective):
 
     name = "skd"
 
-    def __init__(self, teacher_dim: int):
-        super().__init__(teacher_dim)
+    def __init__(self, teacher_dim: int, standardize: bool = False):
+        super().__init__(teacher_dim, standardize)
         self.stage_source = self.stage_size = None
         self.means: list[torch.Tensor] = []
         self.stds: list[torch.Tensor] = []
@@ -116,7 +118,7 @@ class SKDObjective(MSEObjective):
         state = {"stage_source": self.stage_source, "stage_size": self.stage_size}
         for s, (mean, std) in enumerate(zip(self.means, self.stds, strict=True)):
             state[f"stage{s}_mean"], state[f"stage{s}_std"] = mean.cpu(), std.cpu()
-        return state
+        return {**state, **super().state_dict()}  # the global targets' mean and std, if any
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "stage_source" not in state or "stage_size" not in state:
@@ -129,10 +131,12 @@ class SKDObjective(MSEObjective):
         self.fit_stages(state["stage_source"].tolist(), state["stage_size"].tolist(),
                         [state[f"stage{s}_mean"] for s in range(depth)],
                         [state[f"stage{s}_std"] for s in range(depth)])
+        super().load_state_dict({k: state[k] for k in ("mean", "std") if k in state})
 
     def to(self, device: torch.device) -> SKDObjective:
         self.means = [m.to(device) for m in self.means]
         self.stds = [s.to(device) for s in self.stds]
+        super().to(device)
         return self
 
     def pool(self, s: int, teacher_map: torch.Tensor) -> torch.Tensor:

@@ -351,24 +351,27 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
 
 def _expert_fit(objective: Objective, z_train: torch.Tensor, losses: list[float],
                 ec: ExpertConfig) -> float | None:
-    """mse only: the fraction of the targets' variance that the experts explain at their last
-    epoch, ``1 - loss / loss of the targets' mean`` (an R^2; None for the other objectives,
-    whose losses are not plain regressions). Warns when it is near zero: the students then
-    learned the mean and nothing else, and no synthetic set can carry what they never learned."""
-    if objective.name != "mse" or not losses:
+    """The fraction of the targets' variance that the experts explain at their last epoch,
+    ``1 - loss / loss of the targets' mean`` (an R^2), for the objectives whose loss is a
+    weighted MSE of the output against the target (mse, kdep, skd's global stage; None for
+    tcs and ssld). Warns when it is near zero: the students then learned the mean and nothing
+    else, and no synthetic set can carry what they never learned."""
+    if objective.name not in ("mse", "kdep", "skd") or not losses:
         return None
-    targets = objective.targets(z_train).double()
-    constant = (targets - targets.mean(0)).pow(2).mean().item()
-    fit = 1.0 - (sum(losses) / len(losses)) / constant if constant > 0 else 0.0
+    objective.to(z_train.device)
+    targets = objective.targets(z_train).float()
+    constant = objective.loss(targets.mean(0, keepdim=True).expand_as(targets), targets).item()
+    final = sum(losses) / len(losses)
+    fit = 1.0 - final / constant if constant > 0 else 0.0
     if fit < 0.1:
         rms = targets.pow(2).mean().sqrt().item()
-        hint = ("raise experts.epochs or experts.lr" if ec.target_norm == "standardize" else
-                "--set experts.target_norm=standardize (see ddkd/objectives/mse.py)")
+        hint = ("--set experts.target_norm=standardize (see ddkd/objectives/mse.py)"
+                if objective.name != "kdep" and ec.target_norm == "none"
+                else "raise experts.epochs or experts.lr")
         log.warning("the experts explain only %.1f%% of the targets' variance after %d epochs "
-                    "(final loss %.3g, the targets' variance %.3g, their RMS %.3g): they learned "
-                    "little beyond the targets' mean, so their trajectories carry little of the "
-                    "teacher; %s", 100 * fit, ec.epochs, sum(losses) / len(losses), constant,
-                    rms, hint)
+                    "(final loss %.3g, the loss of the targets' mean %.3g, their RMS %.3g): they "
+                    "learned little beyond the targets' mean, so their trajectories carry little "
+                    "of the teacher; %s", 100 * fit, ec.epochs, final, constant, rms, hint)
     return round(fit, 4)
 
 
@@ -376,8 +379,9 @@ def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Object
     """The experts' KD objective, unfitted (checked against the teacher and the data before
     anything is written)."""
     name, anchors, teacher_dim = config.experts.objective, config.experts.anchors, teacher.dim
-    if name != "mse" and config.experts.target_norm != "none":
-        log.info("experts.target_norm = %s is mse's option; %s keeps its own target scale",
+    if name not in ("mse", "skd") and config.experts.target_norm != "none":
+        log.info("experts.target_norm = %s is mse's (and skd's global stage's) option; %s "
+                 "keeps its own target scale",
                  config.experts.target_norm, name)
     if name == "skd":
         teacher_stage_modules(teacher.net)  # a teacher without stages cannot teach skd
@@ -389,7 +393,7 @@ def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Object
                               f"as many training images, got {num_train}; lower --set "
                               "experts.anchors")
         return build_objective(name, teacher_dim, num_anchors=anchors)
-    if name == "mse":
+    if name in ("mse", "skd"):
         return build_objective(name, teacher_dim,
                                standardize=config.experts.target_norm == "standardize")
     return build_objective(name, teacher_dim)

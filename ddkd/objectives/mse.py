@@ -1,17 +1,18 @@
 """``mse``: MKDT's objective (Joshi et al., ICLR 2025): regress the raw teacher feature,
-``MSE_mean(head(f_s), f_t)``. Nothing to fit.
+``MSE_mean(head(f_s), f_t)``. Nothing to fit in this raw form.
 
 Option ``standardize`` (ddkd's, not MKDT's; ``--set experts.target_norm=standardize``): regress
 the teacher feature z-scored per dimension with the mean and standard deviation fitted once on
 the training images' features, ``(f_t - mean) / std``. The loss is the same MSE; only the
 target space changes. Why: MSE's gradient is proportional to the targets' scale, and an SSL
 backbone's features can be tiny (the shipped Fashion-MNIST teacher's have RMS 0.064, per-
-dimension std 0.05, because nothing in Barlow Twins or SimCLR fixes the backbone's scale while
-weight decay shrinks it). Under MKDT's lr 0.1 the students then learn the targets' mean and
+dimension std 0.05: nothing in Barlow Twins or SimCLR fixes the scale of the backbone's output,
+only of the projector's). Under MKDT's lr 0.1 the students then learn the targets' mean and
 nothing else (final loss = the targets' variance), so their features only drift from the
 random initialisation. Standardised, the same students explain ~60% of the targets' variance in
-5 epochs and probe above their initialisation. MKDT's teacher (a full-width CIFAR ResNet-18)
-did not need it; ``ddkd teach`` warns when the experts fit almost none of the targets.
+5 epochs and probe above their initialisation. MKDT's published runs regress raw features
+(their teacher's scale is not reported); ``ddkd teach`` warns when the experts fit almost none
+of the targets, whichever the teacher.
 """
 
 from __future__ import annotations

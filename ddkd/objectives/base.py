@@ -19,6 +19,9 @@ class Objective:
     name: str = ""
     #: state tensors (names) that ``fit`` sets; ``state_dict`` and ``load_state_dict`` use them
     state_names: tuple[str, ...] = ()
+    #: the loss is a weighted MSE of the student output against the target, so a constant
+    #: output's loss is the bar for the experts' fit (``ddkd teach``'s R^2)
+    regression: bool = False
 
     def __init__(self, teacher_dim: int):
         self.teacher_dim = teacher_dim

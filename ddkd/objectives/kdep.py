@@ -30,6 +30,7 @@ def pts(u: torch.Tensor, temperature: float | torch.Tensor, power: float = 3.0) 
 
 class KDEPObjective(Objective):
     name = "kdep"
+    regression = True
     state_names = ("mean", "directions", "temperature")
 
     def __init__(self, teacher_dim: int, dim: int | None = None, power: float = 3.0,

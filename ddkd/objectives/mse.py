@@ -36,6 +36,7 @@ class MSEObjective(Objective):
     """
 
     name = "mse"
+    regression = True
 
     def __init__(self, teacher_dim: int, standardize: bool = False):
         super().__init__(teacher_dim)

@@ -37,7 +37,8 @@ from ddkd.io.weights import load_weights, save_weights
 from ddkd.models.convnet import ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet
-from ddkd.objectives import Objective, build_objective, student_output
+from ddkd.objectives import OBJECTIVES, Objective, build_objective, student_output
+from ddkd.objectives.mse import MSEObjective
 from ddkd.objectives.skd import SKDObjective, teacher_stage_modules
 from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import Ranks, autocast_dtype, environment_record, make_generator, sha256_file
@@ -353,10 +354,11 @@ def _expert_fit(objective: Objective, z_train: torch.Tensor, losses: list[float]
                 ec: ExpertConfig) -> float | None:
     """The fraction of the targets' variance that the experts explain at their last epoch,
     ``1 - loss / loss of the targets' mean`` (an R^2), for the objectives whose loss is a
-    weighted MSE of the output against the target (mse, kdep, skd's global stage; None for
-    tcs and ssld). Warns when it is near zero: the students then learned the mean and nothing
-    else, and no synthetic set can carry what they never learned."""
-    if objective.name not in ("mse", "kdep", "skd") or not losses:
+    weighted MSE of the output against the target (``Objective.regression``: mse, kdep, skd's
+    global stage; None for tcs and ssld). Warns when it is near zero: the students then
+    learned the mean and nothing else, and no synthetic set can carry what they never
+    learned."""
+    if not objective.regression or not losses:
         return None
     objective.to(z_train.device)
     targets = objective.targets(z_train).float()
@@ -366,7 +368,7 @@ def _expert_fit(objective: Objective, z_train: torch.Tensor, losses: list[float]
     if fit < 0.1:
         rms = targets.pow(2).mean().sqrt().item()
         hint = ("--set experts.target_norm=standardize (see ddkd/objectives/mse.py)"
-                if objective.name != "kdep" and ec.target_norm == "none"
+                if isinstance(objective, MSEObjective) and ec.target_norm == "none"
                 else "raise experts.epochs or experts.lr")
         log.warning("the experts explain only %.1f%% of the targets' variance after %d epochs "
                     "(final loss %.3g, the loss of the targets' mean %.3g, their RMS %.3g): they "
@@ -379,7 +381,8 @@ def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Object
     """The experts' KD objective, unfitted (checked against the teacher and the data before
     anything is written)."""
     name, anchors, teacher_dim = config.experts.objective, config.experts.anchors, teacher.dim
-    if name not in ("mse", "skd") and config.experts.target_norm != "none":
+    standardizable = issubclass(OBJECTIVES[name], MSEObjective)  # mse, skd's global stage
+    if not standardizable and config.experts.target_norm != "none":
         log.info("experts.target_norm = %s is mse's (and skd's global stage's) option; %s "
                  "keeps its own target scale",
                  config.experts.target_norm, name)
@@ -393,7 +396,7 @@ def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Object
                               f"as many training images, got {num_train}; lower --set "
                               "experts.anchors")
         return build_objective(name, teacher_dim, num_anchors=anchors)
-    if name in ("mse", "skd"):
+    if standardizable:
         return build_objective(name, teacher_dim,
                                standardize=config.experts.target_norm == "standardize")
     return build_objective(name, teacher_dim)

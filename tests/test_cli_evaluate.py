@@ -41,7 +41,10 @@ def test_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
     assert {r["labels"] for r in results["rows"]} == {4, 20}  # 2 classes x 20 images
     assert all(0 <= r["accuracy"] <= 1 for r in results["rows"])
     assert (out / "results.csv").read_text().startswith("method,")
-    assert "teacher (ceiling)" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "teacher (ceiling)" in report
+    assert "| minus random subset + KD (n=4), paired by seed |" in report
+    assert "| minus no pre-training, paired by seed |" in report
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

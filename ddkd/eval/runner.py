@@ -63,6 +63,7 @@ class Method:
     ssl: str | None = None  # train with this SSL objective on uint8 ``images`` (no targets)
     proj_dim: int = 1024  # the SSL projection head's width
     objective: Objective | None = None  # the KD objective of ``targets`` (None: MSE)
+    baseline: str | None = None  # the --baselines name; None for a synthetic set
 
     def data(self, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.subset_size is None or self.images is None:
@@ -85,7 +86,8 @@ def _set_method(path: str, synth: SynthSet) -> Method:
 def _baselines(names: list[str], run_dir: str | None, size: int, shape,
                sets: list[SynthSet], device: torch.device) -> list[Method]:
     if names == ["none"] and sets:  # needs no run: a fresh encoder in the set's input space
-        return [Method("no pre-training", None, None, 0.0, _set_method("", sets[0]).space)]
+        return [Method("no pre-training", None, None, 0.0, _set_method("", sets[0]).space,
+                       baseline="none")]
     if not names:
         return []
     if run_dir is None:
@@ -111,25 +113,28 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
     methods = []
     for name in names:
         if name == "none":
-            methods.append(Method("no pre-training", None, None, 0.0, space))
+            methods.append(Method("no pre-training", None, None, 0.0, space, baseline="none"))
         elif name == "random":
             methods.append(Method(f"random subset + KD (n={size})", x_all, z_all,
                                   _BASELINE_LR, space, zca, subset_size=size,
-                                  objective=objective))
+                                  objective=objective, baseline="random"))
         elif name == "high-loss":
             idx = _high_loss_subset(opened, x_all, z_all, objective, size, sets, device)
             methods.append(Method(f"high-loss subset + KD (n={size})", x_all[idx],
-                                  z_all[idx], _BASELINE_LR, space, zca, objective=objective))
+                                  z_all[idx], _BASELINE_LR, space, zca, objective=objective,
+                                  baseline="high-loss"))
         elif name == "ssl-random":
             _, _, _, meta = load_weights(opened.run.teacher)
             # The teacher's own SSL objective where it is recorded; MKDT's otherwise.
             method = meta.get("ssl") or "barlowtwins"
             methods.append(Method(f"random subset + SSL ({method}, n={size})", opened.images,
                                   None, _BASELINE_LR, space, subset_size=size, ssl=method,
-                                  proj_dim=int(opened.teach_config["teacher"]["proj_dim"])))
+                                  proj_dim=int(opened.teach_config["teacher"]["proj_dim"]),
+                                  baseline="ssl-random"))
         elif name == "full":
             methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, z_all,
-                                  _BASELINE_LR, space, zca, objective=objective))
+                                  _BASELINE_LR, space, zca, objective=objective,
+                                  baseline="full"))
         elif name == "teacher":
             state, kind, arch, _ = load_weights(opened.run.teacher)
             if kind != "resnet":
@@ -138,7 +143,7 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
             teacher = ResNet(ResNetConfig(**arch))
             teacher.load_state_dict(state)
             methods.append(Method("teacher (ceiling)", None, None, 0.0, space,
-                                  fixed_encoder=teacher.eval()))
+                                  fixed_encoder=teacher.eval(), baseline="teacher"))
     return methods
 
 
@@ -282,7 +287,8 @@ def run_evaluate(
                                            train.num_classes, seed=seed)
                 else:
                     acc = knn_accuracy(f_train, y_train, f_test, test.labels, train.num_classes)
-                rows.append({"method": method.name, "arch": arch, "seed": seed,
+                rows.append({"method": method.name, "baseline": method.baseline,
+                             "arch": arch, "seed": seed,
                              "downstream": task, "fraction": fraction, "labels": len(idx),
                              "accuracy": acc, "probe": probe, "lr": method.lr,
                              "pretrain_final_loss": pretrain_loss,
@@ -296,6 +302,9 @@ def run_evaluate(
     for r in rows:
         del r["_order"]
     table = markdown_table(rows, fractions, list(tasks))
+    paired = paired_tables(rows, fractions, list(tasks))
+    if paired:
+        table += "\n\n" + paired
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
@@ -393,3 +402,50 @@ def markdown_table(rows: list[dict], fractions: list[float], tasks: list[str]) -
             cells.append(f"{statistics.mean(accs):.1f} ± {std:.1f}")
         lines.append(f"| {method} | {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+PAIRED_REFERENCES = ("random", "none")
+
+
+def paired_tables(rows: list[dict], fractions: list[float], tasks: list[str]) -> str:
+    """Each row's per-seed difference to the ``random`` and ``none`` baselines, where present.
+
+    Every method of a seed is probed with the same labels (and its encoder initialised from the
+    same seed), so the difference of two methods at one seed cancels the noise they share: the
+    label draw dominates the spread at small fractions. Mean +- std over seeds of that
+    difference, in points; a row is paired with the reference of its own architecture.
+    """
+    columns = [(t, f) for t in tasks for f in fractions]
+    acc = {(r["method"], r["arch"], r["downstream"], r["fraction"], r["seed"]):
+           100 * r["accuracy"] for r in rows}
+    keys = list(dict.fromkeys((r["method"], r["arch"]) for r in rows))
+    tables = []
+    for i, ref in enumerate(PAIRED_REFERENCES):
+        ref_keys = {r["arch"]: r["method"] for r in rows if r.get("baseline") == ref}
+        # A later reference's difference to this one is in that reference's own table.
+        later_refs = {r["method"] for r in rows if r.get("baseline") in PAIRED_REFERENCES[i + 1:]}
+        if not ref_keys:
+            continue
+        lines = []
+        for method, arch in keys:
+            ref_method = ref_keys.get(arch)
+            if ref_method is None or ref_method == method or method in later_refs:
+                continue
+            cells = []
+            for task, fraction in columns:
+                diffs = [value - acc[(ref_method, arch, task, fraction, seed)]
+                         for (m, a, t, f, seed), value in acc.items()
+                         if (m, a, t, f) == (method, arch, task, fraction)
+                         and (ref_method, arch, task, fraction, seed) in acc]
+                if not diffs:
+                    cells.append("-")
+                    continue
+                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                cells.append(f"{statistics.mean(diffs):+.1f} ± {std:.1f}")
+            lines.append(f"| {method} | {arch} | " + " | ".join(cells) + " |")
+        if lines:
+            name = next(iter(ref_keys.values()))
+            header = (f"| minus {name}, paired by seed | arch | "
+                      + " | ".join(f"{t} {100 * f:g}%" for t, f in columns) + " |")
+            tables.append("\n".join([header, "|" + "---|" * (2 + len(columns)), *lines]))
+    return "\n\n".join(tables)

@@ -180,14 +180,17 @@ def meta_gradient_constant_memory(
     x = x_syn.detach()
     y = y_syn.detach()
     a = alpha.detach()
-    thetas = [segment.theta_start.detach()]
+    # One buffer for theta_0..theta_{N-1}, allocated before any step's activations: N
+    # separate vectors would interleave with them in the allocator's heap and pin it.
+    thetas = torch.empty((len(segment.batches), segment.theta_start.numel()),
+                         dtype=segment.theta_start.dtype, device=segment.theta_start.device)
+    thetas[0] = segment.theta_start.detach()
     for step, idx in enumerate(segment.batches[:-1]):  # theta_N itself comes from the last step
-        theta = thetas[-1].requires_grad_(True)
+        theta = thetas[step].detach().requires_grad_(True)
         xb = augment(x[idx], step) if augment is not None else x[idx]
         loss = student_loss(model, spec, theta, xb, y[idx], loss_fn, amp_dtype)
         (grad,) = torch.autograd.grad(loss, theta)
-        thetas[-1] = theta.detach()
-        thetas.append((theta - a * grad).detach())
+        thetas[step + 1] = theta.detach() - a * grad
     grad_x = torch.zeros_like(x)
     grad_y = torch.zeros_like(y)
     grad_alpha = torch.zeros_like(a)

@@ -98,3 +98,27 @@ def test_paired_differences_cancel_the_noise_shared_by_a_seed():
     assert "| random subset + KD (n=4) | convnet | +1.0 ± 0.0 |" in none_table
     # without the reference rows there is nothing to pair with
     assert paired_tables([r for r in rows if r["baseline"] is None], [0.1], ["toy"]) == ""
+
+
+def test_paired_differences_per_architecture_with_the_teacher_and_a_missing_seed():
+    from ddkd.eval.runner import paired_tables
+
+    def row(method, baseline, arch, seed, accuracy):
+        return {"method": method, "baseline": baseline, "arch": arch, "seed": seed,
+                "downstream": "toy", "fraction": 0.1, "accuracy": accuracy}
+
+    rows = []
+    for seed in range(3):
+        rows += [row("random + KD", "random", "convnet", seed, 0.80 + 0.01 * seed),
+                 row("random + KD", "random", "resnet10", seed, 0.70 + 0.01 * seed),
+                 row("set", None, "convnet", seed, 0.81 + 0.01 * seed),
+                 row("teacher (ceiling)", "teacher", "teacher", seed, 0.84 + 0.01 * seed)]
+        if seed < 2:  # one seed of the ResNet row is missing
+            rows.append(row("set", None, "resnet10", seed, 0.7196 + 0.01 * seed))
+    table = paired_tables(rows, [0.1], ["toy"])
+    assert "| set | convnet | +1.0 ± 0.0 |" in table
+    assert "| set | resnet10 | +2.0 ± 0.0 (n=2) |" in table  # against the ResNet's own row
+    assert "| teacher (ceiling) | teacher | +4.0 ± 0.0 |" in table  # against the first arch's
+    rows = [dict(r, accuracy=r["accuracy"] - 0.0104) if r["method"] == "set" else r
+            for r in rows]
+    assert "| set | convnet | +0.0 ± 0.0 |" in paired_tables(rows, [0.1], ["toy"])  # no -0.0

@@ -413,12 +413,15 @@ def paired_tables(rows: list[dict], fractions: list[float], tasks: list[str]) ->
     Every method of a seed is probed with the same labels (and its encoder initialised from the
     same seed), so the difference of two methods at one seed cancels the noise they share: the
     label draw dominates the spread at small fractions. Mean +- std over seeds of that
-    difference, in points; a row is paired with the reference of its own architecture.
+    difference, in points. A row is paired with the reference of its own architecture; the
+    teacher (one fixed network, architecture ``teacher``) with that of the first architecture.
+    A cell paired over fewer seeds than the table has says how many (``n=k``).
     """
     columns = [(t, f) for t in tasks for f in fractions]
     acc = {(r["method"], r["arch"], r["downstream"], r["fraction"], r["seed"]):
            100 * r["accuracy"] for r in rows}
     keys = list(dict.fromkeys((r["method"], r["arch"]) for r in rows))
+    n_seeds = len({r["seed"] for r in rows})
     tables = []
     for i, ref in enumerate(PAIRED_REFERENCES):
         ref_keys = {r["arch"]: r["method"] for r in rows if r.get("baseline") == ref}
@@ -428,20 +431,25 @@ def paired_tables(rows: list[dict], fractions: list[float], tasks: list[str]) ->
             continue
         lines = []
         for method, arch in keys:
-            ref_method = ref_keys.get(arch)
+            ref_arch = arch
+            if arch == "teacher" and arch not in ref_keys:  # paired with the first arch's
+                ref_arch = next(iter(ref_keys))
+            ref_method = ref_keys.get(ref_arch)
             if ref_method is None or ref_method == method or method in later_refs:
                 continue
             cells = []
             for task, fraction in columns:
-                diffs = [value - acc[(ref_method, arch, task, fraction, seed)]
+                diffs = [value - acc[(ref_method, ref_arch, task, fraction, seed)]
                          for (m, a, t, f, seed), value in acc.items()
                          if (m, a, t, f) == (method, arch, task, fraction)
-                         and (ref_method, arch, task, fraction, seed) in acc]
+                         and (ref_method, ref_arch, task, fraction, seed) in acc]
                 if not diffs:
                     cells.append("-")
                     continue
+                mean = round(statistics.mean(diffs), 1) or 0.0  # no "-0.0"
                 std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                cells.append(f"{statistics.mean(diffs):+.1f} ± {std:.1f}")
+                count = f" (n={len(diffs)})" if len(diffs) < n_seeds else ""
+                cells.append(f"{mean:+.1f} ± {std:.1f}{count}")
             lines.append(f"| {method} | {arch} | " + " | ".join(cells) + " |")
         if lines:
             name = next(iter(ref_keys.values()))

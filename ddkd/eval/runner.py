@@ -391,7 +391,7 @@ def markdown_table(rows: list[dict], fractions: list[float], tasks: list[str]) -
     """One row per (method, arch); one column per task x fraction: mean +- std over seeds."""
     columns = [(t, f) for t in tasks for f in fractions]
     keys = list(dict.fromkeys((r["method"], r["arch"]) for r in rows))
-    header = "| method | arch | " + " | ".join(f"{t} {100 * f:g}%" for t, f in columns) + " |"
+    header = "| method | arch | " + _column_names(columns)
     lines = [header, "|" + "---|" * (2 + len(columns))]
     for method, arch in keys:
         cells = []
@@ -402,6 +402,11 @@ def markdown_table(rows: list[dict], fractions: list[float], tasks: list[str]) -
             cells.append(f"{statistics.mean(accs):.1f} ± {std:.1f}")
         lines.append(f"| {method} | {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _column_names(columns: list[tuple[str, float]]) -> str:
+    """The header cells after "method | arch": one per task x label fraction."""
+    return " | ".join(f"{t} {100 * f:g}%" for t, f in columns) + " |"
 
 
 PAIRED_REFERENCES = ("random", "none")
@@ -421,7 +426,7 @@ def paired_tables(rows: list[dict], fractions: list[float], tasks: list[str]) ->
     acc = {(r["method"], r["arch"], r["downstream"], r["fraction"], r["seed"]):
            100 * r["accuracy"] for r in rows}
     keys = list(dict.fromkeys((r["method"], r["arch"]) for r in rows))
-    n_seeds = len({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
     tables = []
     for i, ref in enumerate(PAIRED_REFERENCES):
         ref_keys = {r["arch"]: r["method"] for r in rows if r.get("baseline") == ref}
@@ -439,21 +444,20 @@ def paired_tables(rows: list[dict], fractions: list[float], tasks: list[str]) ->
                 continue
             cells = []
             for task, fraction in columns:
-                diffs = [value - acc[(ref_method, ref_arch, task, fraction, seed)]
-                         for (m, a, t, f, seed), value in acc.items()
-                         if (m, a, t, f) == (method, arch, task, fraction)
-                         and (ref_method, ref_arch, task, fraction, seed) in acc]
+                pairs = [((method, arch, task, fraction, seed),
+                          (ref_method, ref_arch, task, fraction, seed)) for seed in seeds]
+                diffs = [acc[row] - acc[ref_row] for row, ref_row in pairs
+                         if row in acc and ref_row in acc]
                 if not diffs:
                     cells.append("-")
                     continue
                 mean = round(statistics.mean(diffs), 1) or 0.0  # no "-0.0"
                 std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                count = f" (n={len(diffs)})" if len(diffs) < n_seeds else ""
+                count = f" (n={len(diffs)})" if len(diffs) < len(seeds) else ""
                 cells.append(f"{mean:+.1f} ± {std:.1f}{count}")
             lines.append(f"| {method} | {arch} | " + " | ".join(cells) + " |")
         if lines:
             name = next(iter(ref_keys.values()))
-            header = (f"| minus {name}, paired by seed | arch | "
-                      + " | ".join(f"{t} {100 * f:g}%" for t, f in columns) + " |")
+            header = f"| minus {name}, paired by seed | arch | " + _column_names(columns)
             tables.append("\n".join([header, "|" + "---|" * (2 + len(columns)), *lines]))
     return "\n\n".join(tables)

@@ -166,8 +166,11 @@ def _cpu_bf16_flags() -> list[str] | None:
     return []
 
 
-def environment_record() -> dict:
-    """Library versions and machine facts, written next to every run's outputs."""
+def environment_record(device: torch.device | None = None) -> dict:
+    """Library versions and machine facts, written next to every run's outputs; with
+    ``device``, the device the run computed on (``--device auto`` resolved) and, on a GPU,
+    whether its float32 convolutions and matrix products ran in TF32 (PyTorch's defaults, which
+    MTT's and MKDT's code keep: TF32 convolutions, full float32 matrix products)."""
     import ddkd
 
     record = {
@@ -187,6 +190,12 @@ def environment_record() -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "malloc_tuned": ALLOCATOR["tuned"],
     }
+    if device is not None:
+        record["device"] = str(device)
+        if device.type == "cuda":
+            record["gpu"] = torch.cuda.get_device_name(device)
+            record["tf32"] = {"convolutions": torch.backends.cudnn.allow_tf32,
+                              "matmul": torch.backends.cuda.matmul.allow_tf32}
     for name in ("torchvision", "kornia", "h5py", "lightly", "tqdm"):
         try:
             module = __import__(name)

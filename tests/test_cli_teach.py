@@ -36,6 +36,7 @@ def test_teach_end_to_end_writes_a_complete_run(tiny_folder, tmp_path, capsys):
     assert config["stage"] == "teach" and config["config"]["experts"]["num_experts"] == 2
     env = json.loads((out / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and len(env["inputs"]["train_checksum"]) == 64
+    assert env["device"] == "cpu" and "tf32" not in env  # --device auto, resolved
     targets, indices, _ = load_targets(out / "targets.h5")
     assert targets.shape == (24, 32) and indices.tolist() == list(range(24))
     state, kind, arch, meta = load_weights(out / "teacher.h5")

@@ -311,7 +311,7 @@ def run_evaluate(
               "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
               "epochs": epochs, "stratified": stratified}
     write_json(out / "results.json", {"config": config, "rows": rows,
-                                      "environment": {**environment_record(),
+                                      "environment": {**environment_record(device),
                                                       "command": command}})
     _write_csv(out / "results.csv", rows)
     write_text(out / "results.md", table + "\n")

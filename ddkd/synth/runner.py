@@ -357,7 +357,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         "seed": config.seed,
         "processes": dist.world,
         "teach_config": opened.teach_config,
-        "environment": {**environment_record(), "command": command},
+        "environment": {**environment_record(device), "command": command},
     }
     synth = SynthSet(
         images=state.x.detach().cpu(),

@@ -166,7 +166,7 @@ def run_teach(
     if run.is_complete():
         log.info("run %s is already complete", run.root)
         return json.loads(run.summary.read_text())
-    env = environment_record()
+    env = environment_record(device)
     env["command"] = command
     env["recipe"] = recipe
     env["inputs"] = {

@@ -12,7 +12,8 @@ For each shape it prints one table:
   ``train_experts`` (G students batched with ``vmap``), each eager and under ``torch.compile``
   (``experts.compile``; the first run, which compiles, is timed apart). ddkd's variants run
   with the allocator setting the ``ddkd`` command makes (``ddkd.runtime.tune_cpu_allocator``);
-  the reference runs as published, and once more with that setting, to show what it is worth;
+  the reference runs as published, and on the CPU once more with that setting, to show what it
+  is worth (on a GPU the setting only touches host memory, so that row is left out);
   with ``bf16`` in ``--precisions``, ddkd's one-at-a-time variants also run under bfloat16
   autocast (``experts.precision``; ddkd does not batch bf16 students);
 * trajectory matching, per outer iteration at every ``syn_steps``: time and peak memory of the
@@ -259,7 +260,16 @@ def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"bench: {variant} ({shape}) failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # each figure as it comes, so that a run stopped early keeps what it measured
+    print(f"bench: {shape} {variant} syn_steps={syn_steps} group={group}: {json.dumps(result)}",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def _allocator_row(variant: str, device: torch.device) -> list[tuple[str, str]]:
+    """The reference once more with ddkd's allocator setting: a CPU question only."""
+    return [("reference, with ddkd's allocator setting", variant)] if device.type == "cpu" else []
 
 
 def _mib(n: int) -> str:
@@ -297,8 +307,7 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
     for group in args.groups:
         ref = _child("experts-reference", shape, args, group=group)
         variants = [("reference (one at a time)", None),
-                    ("reference, with ddkd's allocator setting",
-                     "experts-reference-tuned-allocator"),
+                    *_allocator_row("experts-reference-tuned-allocator", device),
                     ("ddkd, one at a time", "experts-ddkd"),
                     ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
                     (f"ddkd, {group} batched", "experts-batched"),
@@ -319,11 +328,11 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
 def _matching_table(shape: str, args, peak: dict[str, float]) -> list[str]:
     lines = ["| matching | syn_steps | s/iteration | speed-up | peak MiB | "
              "memory vs reference | GFLOP/iteration | of conv peak |", "|---" * 8 + "|"]
+    device = torch.device(args.device)
     for n in args.syn_steps:
         ref = _child("match-reference", shape, args, syn_steps=n)
         variants = [("reference (unrolled)", None),
-                    ("reference, with ddkd's allocator setting",
-                     "match-reference-tuned-allocator"),
+                    *_allocator_row("match-reference-tuned-allocator", device),
                     ("ddkd unrolled", "match-unrolled"),
                     ("ddkd constant", "match-constant")]
         if "bf16" in args.precisions:

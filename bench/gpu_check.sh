@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Issue 7's GPU checks in one run: the CUDA tests, then the benchmark on the GPU.
+#
+#   bash bench/gpu_check.sh --wheels   # here, once: the packages a bare GPU image lacks, in .whl/
+#   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
+#
+# With this workplace's device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"],
+# timeout_s=590). The stages have their own time limits, most important first, so that a slow
+# one cannot take the rest: the CUDA tests (2 minutes), then the experts table at the default
+# (Fashion-MNIST) shape (3.5 minutes: three variants compile), its matching table and the CIFAR
+# ipc-10 matching table (100 s each); 9 minutes at most in all. What it writes goes to $OUT
+# (else runs/gpu-check), six files: env.txt, tests.log, bench-*.md (the three tables) and
+# bench.log (every figure as it was measured, kept when a stage runs out of time). Environment: PYTHON (default python3), DEVICE (default cuda; cpu rehearses
+# the script here, quickly, on tiny settings).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+# the packages ddkd imports that the GPU image (torch, torchvision, numpy, h5py, tqdm,
+# matplotlib, pytest, pytorch-lightning) does not hold; lightly's own dependencies (hydra-core,
+# omegaconf) are not imported by what ddkd uses of it
+WHEELS="kornia==0.9.0 kornia_rs==0.2.0 lightly==1.6.0"
+
+if [ "${1:-}" = "--wheels" ]; then
+  # CPython 3.12 on x86-64 Linux: the GPU image's python3 (KINDS.md)
+  rm -rf .whl && mkdir -p .whl
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl $WHEELS
+  ls -l .whl
+  exit
+fi
+
+out=${OUT:-runs/gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/ddkd-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/ddkd-site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  date -u
+  git log -1 --format='ddkd at %H (%cd)' 2>/dev/null
+  command -v nvidia-smi >/dev/null && nvidia-smi -L
+  "$PY" - <<'EOF'
+import kornia, lightly, torch
+print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda",
+      torch.version.cuda, "kornia", kornia.__version__, "lightly", lightly.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}",
+          "tf32 convolutions", torch.backends.cudnn.allow_tf32,
+          "tf32 matmul", torch.backends.cuda.matmul.allow_tf32)
+EOF
+} 2>&1 | tee "$out/env.txt"
+
+exec 3>&1  # the stages' own lines go to the terminal, whatever their output is sent to
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, say how it ended
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit} s)" >&3
+  timeout "$limit" "$@"
+  rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s$([ $rc = 124 ] && echo ', out of time')" >&3
+}
+
+if [ "$DEVICE" = cuda ]; then
+  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py 2>&1 \
+    | tee "$out/tests.log"
+  images=4096 steps=5,40 repeats=2  # N = 5 and 40: the constant-memory target's two ends
+else  # a rehearsal: every stage, on tiny settings
+  images=64 steps=2 repeats=1
+fi
+
+bench() {  # bench NAME SECONDS ARGS...
+  local name=$1 limit=$2
+  shift 2
+  stage "bench $name" "$limit" env DDKD_BENCH_IMAGES=$images "$PY" bench/run.py \
+    --device "$DEVICE" --repeats $repeats "$@" >"$out/bench-$name.md" 2>>"$out/bench.log"
+  cat "$out/bench-$name.md"
+}
+# the 5x target is at the default student shape, with the GPU default of 8 students per batch
+bench experts 210 --shapes fashion-mnist --parts experts --groups 8
+bench matching-fashion-mnist 100 --shapes fashion-mnist --parts matching --syn-steps $steps
+bench matching-cifar10 100 --shapes cifar10-ipc10 --parts matching --syn-steps $steps
+tail -n 5 "$out/bench.log"

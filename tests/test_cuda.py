@@ -165,19 +165,31 @@ def test_matching_syncs_do_not_grow_with_the_inner_steps(augment):
         assert counts[1, name] == counts[4, name], counts
 
 
-def test_teach_synthesize_evaluate_on_the_gpu(tmp_path, capsys):
+# the defaults; then the options with their own device code: ZCA whitening, DSA, constant
+# memory, bf16 matching and the baselines that train or select on the device
+OPTIONS = {
+    "defaults": ([], [], ["none", "random"]),
+    "options": (["--set", "data.zca=true"],
+                ["--zca", "--augment", "dsa", "--memory", "constant", "--precision", "bf16"],
+                ["high-loss", "full", "teacher"]),
+}
+
+
+@pytest.mark.parametrize("which", list(OPTIONS))
+def test_teach_synthesize_evaluate_on_the_gpu(which, tmp_path):
+    teach, synthesize, baselines = OPTIONS[which]
     folder = write_imagefolder(tmp_path / "data", n_per_class=20)
     run, synth, ev = tmp_path / "run", tmp_path / "set.h5", tmp_path / "eval"
     assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run),
-                 "--device", "cuda", *TINY_TEACH]) == 0
+                 "--device", "cuda", *TINY_TEACH, *teach]) == 0
     assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "2",
                  "--iterations", "3", "--syn-steps", "2", "--expert-epochs", "1",
-                 "--max-start-epoch", "1", "--device", "cuda", "--no-progress"]) == 0
-    assert main(["evaluate", str(synth), "--baselines", "none,random", "--fractions", "0.5",
-                 "--seeds", "1", "--epochs", "2", "--device", "cuda", "--out", str(ev),
+                 "--max-start-epoch", "1", "--device", "cuda", "--no-progress", *synthesize]) == 0
+    assert main(["evaluate", str(synth), "--baselines", ",".join(baselines), "--fractions",
+                 "0.5", "--seeds", "1", "--epochs", "2", "--device", "cuda", "--out", str(ev),
                  "--no-progress"]) == 0
     env = json.loads((run / "environment.json").read_text())
     assert env["device"] == "cuda" and env["gpu"] in env["gpus"]
     assert set(env["tf32"]) == {"convolutions", "matmul"}
     rows = json.loads((ev / "results.json").read_text())["rows"]
-    assert len(rows) == 3 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert len(rows) == len(baselines) + 1 and all(0 <= r["accuracy"] <= 1 for r in rows)

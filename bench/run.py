@@ -253,18 +253,31 @@ def conv_throughput(shape: str, device: torch.device,
 # ----------------------------------------------------------------------------- the tables
 
 
-def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -> dict:
+FAILED: list[str] = []  # the variants that failed, for the exit status
+
+
+def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -> dict | None:
+    """One variant in a fresh process; ``None`` if it failed (its error goes to stderr and the
+    table says so, and the other variants still run: a GPU session has minutes, not hours)."""
     cmd = [sys.executable, __file__, "--one", variant, "--shapes", shape, "--device",
            args.device, "--syn-steps", str(syn_steps), "--groups", str(group), "--repeats",
            str(args.repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    where = f"{shape} {variant} syn_steps={syn_steps} group={group}"
     if out.returncode != 0:
-        raise SystemExit(f"bench: {variant} ({shape}) failed:\n{out.stderr[-2000:]}")
+        FAILED.append(where)
+        print(f"bench: {where} FAILED (exit {out.returncode}):\n{out.stderr[-3000:]}",
+              file=sys.stderr, flush=True)
+        return None
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # each figure as it comes, so that a run stopped early keeps what it measured
-    print(f"bench: {shape} {variant} syn_steps={syn_steps} group={group}: {json.dumps(result)}",
-          file=sys.stderr, flush=True)
+    print(f"bench: {where}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
+
+
+def _ratio(a: float, b: float | None, fmt: str = "{:.2f}x") -> str:
+    """``a / b``, or a dash where the reference it divides by failed."""
+    return "-" if b is None else fmt.format(a / b)
 
 
 def _allocator_row(variant: str, device: torch.device) -> list[tuple[str, str]]:
@@ -291,11 +304,14 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
         lines += ["| SSL teacher step (ResNet-18 x 1/4, SimCLR, batch 256) | images/s | "
                   "speed-up |", "|---|---|---|"]
         fp32 = _child("teacher-fp32", shape, args)
-        lines.append(f"| fp32 | {fp32['images_per_s']:,.0f} | 1.00x |")
+        rows = [("fp32", fp32)]
         if "bf16" in args.precisions:
-            r = _child("teacher-bf16", shape, args)
-            lines.append(f"| bf16 autocast | {r['images_per_s']:,.0f} | "
-                         f"{r['images_per_s'] / fp32['images_per_s']:.2f}x |")
+            rows.append(("bf16 autocast", _child("teacher-bf16", shape, args)))
+        base = fp32["images_per_s"] if fp32 else None
+        for name, r in rows:
+            lines.append(f"| {name} | failed (see stderr) | |" if r is None else
+                         f"| {name} | {r['images_per_s']:,.0f} | "
+                         f"{_ratio(r['images_per_s'], base)} |")
         lines.append("")
     if "experts" not in args.parts:
         if "matching" not in args.parts:
@@ -315,11 +331,12 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
         if bf16:  # one at a time only: vmap does not apply autocast (ddkd refuses the mix)
             variants += [("ddkd, one at a time, bf16", "experts-ddkd-bf16"),
                          ("ddkd, one at a time, compiled, bf16", "experts-ddkd-compiled-bf16")]
+        base = ref["images_per_s"] if ref else None
         for name, variant in variants:
             r = ref if variant is None else _child(variant, shape, args, group=group)
-            lines.append(f"| {name} | {group} | {r['images_per_s']:,.0f} | "
-                         f"{r['images_per_s'] / ref['images_per_s']:.2f}x | "
-                         f"{r['first_seconds']:.1f} |")
+            lines.append(f"| {name} | {group} | failed (see stderr) | | |" if r is None else
+                         f"| {name} | {group} | {r['images_per_s']:,.0f} | "
+                         f"{_ratio(r['images_per_s'], base)} | {r['first_seconds']:.1f} |")
     if "matching" in args.parts:
         lines += [""] + _matching_table(shape, args, peak)
     return "\n".join(lines)
@@ -340,11 +357,15 @@ def _matching_table(shape: str, args, peak: dict[str, float]) -> list[str]:
                          ("ddkd constant, bf16", "match-constant-bf16")]
         for name, variant in variants:
             r = ref if variant is None else _child(variant, shape, args, syn_steps=n)
+            if r is None:
+                lines.append(f"| {name} | {n} | failed (see stderr) |" + " |" * 5)
+                continue
             precision = "bf16" if name.endswith("bf16") else "fp32"
+            speed = _ratio(ref["seconds"], r["seconds"]) if ref else "-"
+            memory = _ratio(r["peak_bytes"], ref["peak_bytes"] if ref else None, "{:.2f}")
             lines.append(
-                f"| {name} | {n} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x "
-                f"| {_mib(r['peak_bytes'])} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
-                f"{r['flops'] / 1e9:,.1f} | "
+                f"| {name} | {n} | {r['seconds']:.3f} | {speed} | {_mib(r['peak_bytes'])} | "
+                f"{memory} | {r['flops'] / 1e9:,.1f} | "
                 f"{100 * r['flops'] / r['seconds'] / peak[precision]:.0f}% |")
     return lines
 
@@ -389,6 +410,8 @@ def main() -> None:
     print(f"# ddkd benchmark on {name}, torch {torch.__version__}\n")
     for shape in shapes:
         print(bench_shape(shape, args, device) + "\n", flush=True)
+    if FAILED:
+        raise SystemExit(f"bench: {len(FAILED)} variant(s) failed: {'; '.join(FAILED)}")
 
 
 if __name__ == "__main__":

@@ -319,24 +319,28 @@ def bench_shape(shape: str, args, device: torch.device) -> str:
         return "\n".join(lines + _matching_table(shape, args, peak))
     lines += ["| expert training | experts | images/s | speed-up | first run s (compiling) |",
               "|---|---|---|---|---|"]
-    bf16 = "bf16" in args.precisions
+    # One at a time, a student's images/s does not depend on how many there are: those rows
+    # run once, with the first group size; every batched group size is compared with them.
+    first = args.groups[0]
+    ref = _child("experts-reference", shape, args, group=first)
+    base = ref["images_per_s"] if ref else None
+    variants = [("reference (one at a time)", None, first),
+                *[(name, v, first) for name, v in
+                  _allocator_row("experts-reference-tuned-allocator", device)],
+                ("ddkd, one at a time", "experts-ddkd", first),
+                ("ddkd, one at a time, compiled", "experts-ddkd-compiled", first)]
+    if "bf16" in args.precisions:  # one at a time only: vmap does not apply autocast
+        variants += [("ddkd, one at a time, bf16", "experts-ddkd-bf16", first),
+                     ("ddkd, one at a time, compiled, bf16", "experts-ddkd-compiled-bf16",
+                      first)]
     for group in args.groups:
-        ref = _child("experts-reference", shape, args, group=group)
-        variants = [("reference (one at a time)", None),
-                    *_allocator_row("experts-reference-tuned-allocator", device),
-                    ("ddkd, one at a time", "experts-ddkd"),
-                    ("ddkd, one at a time, compiled", "experts-ddkd-compiled"),
-                    (f"ddkd, {group} batched", "experts-batched"),
-                    (f"ddkd, {group} batched, compiled", "experts-batched-compiled")]
-        if bf16:  # one at a time only: vmap does not apply autocast (ddkd refuses the mix)
-            variants += [("ddkd, one at a time, bf16", "experts-ddkd-bf16"),
-                         ("ddkd, one at a time, compiled, bf16", "experts-ddkd-compiled-bf16")]
-        base = ref["images_per_s"] if ref else None
-        for name, variant in variants:
-            r = ref if variant is None else _child(variant, shape, args, group=group)
-            lines.append(f"| {name} | {group} | failed (see stderr) | | |" if r is None else
-                         f"| {name} | {group} | {r['images_per_s']:,.0f} | "
-                         f"{_ratio(r['images_per_s'], base)} | {r['first_seconds']:.1f} |")
+        variants += [(f"ddkd, {group} batched", "experts-batched", group),
+                     (f"ddkd, {group} batched, compiled", "experts-batched-compiled", group)]
+    for name, variant, group in variants:
+        r = ref if variant is None else _child(variant, shape, args, group=group)
+        lines.append(f"| {name} | {group} | failed (see stderr) | | |" if r is None else
+                     f"| {name} | {group} | {r['images_per_s']:,.0f} | "
+                     f"{_ratio(r['images_per_s'], base)} | {r['first_seconds']:.1f} |")
     if "matching" in args.parts:
         lines += [""] + _matching_table(shape, args, peak)
     return "\n".join(lines)
@@ -376,7 +380,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="fashion-mnist,cifar10-ipc10",
                         help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--syn-steps", default="5,10,20,40", help="comma list")
-    parser.add_argument("--groups", default="4", help="experts per batch, comma list")
+    parser.add_argument("--groups", default="4", help="experts per batch, comma list (the "
+                        "one-at-a-time rows run once, with the first)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs (best is kept)")
     parser.add_argument("--parts", default="experts,matching",
                         help="which tables: experts, matching, teacher (the SSL teacher's "

@@ -14,7 +14,7 @@ import platform
 import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,17 @@ def make_generator(seed: int, *streams: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(derived)
     return gen
+
+
+@contextlib.contextmanager
+def global_cpu_rng_from(gen: torch.Generator) -> Iterator[None]:
+    """For the block, the global CPU RNG is forked and seeded from ``gen``: for code that draws
+    from it (PyTorch's initialisers, kornia's parameters), reproducibly and without touching
+    the caller's RNG. Only the CPU generator is seeded (``torch.manual_seed`` would reseed every
+    GPU's generator too, outside the fork, and leave them changed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        yield
 
 
 def resolve_device(name: str) -> torch.device:

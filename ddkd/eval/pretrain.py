@@ -17,7 +17,7 @@ from torch import nn
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.resnet import ResNet, ResNetConfig
-from ddkd.runtime import make_generator
+from ddkd.runtime import global_cpu_rng_from, make_generator
 
 ARCHS = ("convnet", "resnet10", "resnet18")
 _STREAM_INIT, _STREAM_ORDER = 80, 81
@@ -49,8 +49,7 @@ def build_encoder(arch: str, shape: tuple[int, int, int], out_dim: int, seed: in
     if arch not in ARCHS:
         raise ConfigError(f"--arch {arch!r} is unknown; valid: {', '.join(ARCHS)}")
     gen = make_generator(seed, _STREAM_INIT)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    with global_cpu_rng_from(gen):
         if arch == "convnet":
             if h != w:
                 raise ConfigError(f"the ConvNet needs square images, got {h}x{w}")

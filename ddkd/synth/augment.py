@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddkd.runtime import make_generator
+from ddkd.runtime import global_cpu_rng_from, make_generator
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 _STREAM_DSA = 60
@@ -78,8 +78,7 @@ class DSA:
             r = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
             return op, (r[0] - 0.5, 2.0 * r[1], r[2] + 0.5)
         # kornia draws from the global RNG: fork it and seed from our stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        with global_cpu_rng_from(gen):
             return op, self._kornia[op].forward_parameters(shape)
 
     def __call__(self, x: torch.Tensor, iteration: int, step: int,

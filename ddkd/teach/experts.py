@@ -36,7 +36,7 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import flat_params
-from ddkd.runtime import autocast_dtype, make_generator, maybe_autocast
+from ddkd.runtime import autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
 
 # Sub-stream ids of :func:`ddkd.runtime.make_generator` for the experts.
 _STREAM_INIT, _STREAM_ORDER = 20, 21
@@ -105,8 +105,7 @@ def init_student(config: ConvNetConfig, seed: int, k: int) -> ConvNet:
     """Student ``k``'s initialisation, drawn from its own stream of ``seed`` (PyTorch's
     default initialisers, as the published code uses)."""
     gen = make_generator(seed, _STREAM_INIT, k)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    with global_cpu_rng_from(gen):
         return ConvNet(config)
 
 

@@ -41,7 +41,14 @@ from ddkd.objectives import OBJECTIVES, Objective, build_objective, student_outp
 from ddkd.objectives.mse import MSEObjective
 from ddkd.objectives.skd import SKDObjective, teacher_stage_modules
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import Ranks, autocast_dtype, environment_record, make_generator, sha256_file
+from ddkd.runtime import (
+    Ranks,
+    autocast_dtype,
+    environment_record,
+    global_cpu_rng_from,
+    make_generator,
+    sha256_file,
+)
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.teach import sources
 from ddkd.teach.experts import (
@@ -106,8 +113,7 @@ def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
     if tc.source == "train":
         rc = sources.resnet_config(tc, channels)
         gen = make_generator(config.seed, _STREAM_TEACHER_INIT)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        with global_cpu_rng_from(gen):
             net = ResNet(rc)
         return _Teacher(net, {"kind": "resnet", **asdict(rc)}, {}, fitted, None, rc.feature_dim)
     if tc.source == "shipped":
@@ -329,8 +335,7 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
         random_net = sources.build_from_factory(teacher.arch["factory"])
     else:
         gen = make_generator(config.seed, _STREAM_RANDOM_NET)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        with global_cpu_rng_from(gen):
             random_net = type(teacher.net)(teacher.net.config)
     # As initialised (running stats 0/1): re-estimating them on data gives random features
     # that score lower still on kNN, which would flatter the teacher.

@@ -16,7 +16,7 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.objectives.skd import SKDObjective, plan_stages, teacher_stage_maps
-from ddkd.runtime import autocast_dtype, make_generator, maybe_autocast
+from ddkd.runtime import autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
 from ddkd.teach.experts import init_student
 
 # Sub-streams of :func:`ddkd.runtime.make_generator` for the block stages.
@@ -75,8 +75,7 @@ def train_stage(student: ConvNet, s: int, targets: torch.Tensor, x_train: torch.
     amp_dtype = autocast_dtype(experts.precision, device, "experts.precision")
     block, prefix = student.block(s), student.body[: 4 * s]
     gen = make_generator(seed, _STREAM_ADAPTER, k, s)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    with global_cpu_rng_from(gen):
         adapter = nn.Conv2d(student.config.width, targets.shape[1], 1).to(device)
     params = [*block.parameters(), *adapter.parameters()]
     optimizer = torch.optim.SGD(params, lr=experts.lr, momentum=experts.momentum,

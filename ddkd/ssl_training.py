@@ -108,6 +108,11 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# Steps between two reads of the SSL loss: each read waits for the GPU (a host sync), so reading
+# every step would stall it at every step. A non-finite loss is caught at most this late.
+_READ_EVERY = 16
+
+
 class SSLTrainer:
     """Epoch-resumable SSL training of ``backbone`` on uint8 images.
 
@@ -180,7 +185,26 @@ class SSLTrainer:
         gen = make_generator(self.seed, 1, self.epoch)
         order = torch.randperm(n, generator=gen)
         self.model.train()
-        losses = []
+        losses: list[float] = []
+        pending: list[torch.Tensor] = []  # losses on the device, not yet read back
+
+        def read_back(first: int, values: list[torch.Tensor]) -> None:
+            """Steps ``first``.. of this epoch: their losses, read back in one go (a host sync
+            every ``_READ_EVERY`` steps, not every step), checked and reported."""
+            stacked = torch.stack(values)
+            if self.dist.world > 1:  # the mean over processes
+                stacked = self.dist.sum([stacked])[0]
+            for j, total in enumerate(stacked.tolist(), start=first):
+                value = total / self.dist.world
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"teacher SSL loss became {value} at epoch {self.epoch + 1}, step {j + 1}; "
+                        "lower --set teacher.lr or change --seed"
+                    )
+                losses.append(value)
+                if on_step is not None:
+                    on_step(j, value)
+
         # kornia draws from the global RNG: fork it so the epoch is reproducible on its own.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -199,16 +223,10 @@ class SSLTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                value = loss.item() if self.dist.world == 1 else \
-                    float(self.dist.sum([loss.detach().reshape(1)])[0]) / self.dist.world
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"teacher SSL loss became {value} at epoch {self.epoch + 1}, step {i + 1}; "
-                        "lower --set teacher.lr or change --seed"
-                    )
-                losses.append(value)
-                if on_step is not None:
-                    on_step(i, value)
+                pending.append(loss.detach())
+                if len(pending) == _READ_EVERY or i == steps_per_epoch - 1:
+                    read_back(i + 1 - len(pending), pending)
+                    pending = []
         self.epoch += 1
         return sum(losses) / len(losses)
 

@@ -76,6 +76,25 @@ def test_resumed_teacher_training_equals_uninterrupted():
         assert torch.equal(a, b)
 
 
+def test_losses_read_back_in_chunks_are_every_steps_loss_in_order(monkeypatch):
+    # 20 steps an epoch: one full chunk of 16 and a partial one; reading every step (as before
+    # the chunks, a host sync per step on a GPU) reports the same losses.
+    import ddkd.ssl_training as ssl
+
+    images = torch.randint(0, 256, (160, 1, 8, 8), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    reported = {}
+    for every in (1, ssl._READ_EVERY):
+        monkeypatch.setattr(ssl, "_READ_EVERY", every)
+        trainer, _ = _trainer()
+        seen = []
+        mean = trainer.train_epoch(images, on_step=lambda i, v, seen=seen: seen.append((i, v)))
+        reported[every] = seen, mean
+    seen, mean = reported[ssl._READ_EVERY]
+    assert [i for i, _ in seen] == list(range(20))
+    assert reported[1] == (seen, mean) and mean == pytest.approx(sum(v for _, v in seen) / 20)
+
+
 def test_nan_loss_stops_with_a_clear_error():
     trainer, images = _trainer()
     images = images.clone()

@@ -5,6 +5,7 @@ Images are kept as uint8 and turned into float on the device, batch by batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +30,23 @@ class Normalization:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float ``(B, C, H, W)`` -> normalised float32."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - _channels(self.mean, x)) / _channels(self.std, x)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return x * std + mean
+        return x * _channels(self.std, x) + _channels(self.mean, x)
+
+
+def _channels(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a ``(1, C, 1, 1)`` tensor on ``like``'s device and dtype."""
+    return _channel_tensor(values, like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_tensor(values: tuple[float, ...], device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    # Made once per (values, device, dtype): built from a list at every call, it would be a
+    # blocking copy to a GPU, a host sync at every training step that normalises.
+    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
 
 
 def ssl_augmentation(channels: int, image_size: int) -> nn.Module:

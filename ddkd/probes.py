@@ -31,15 +31,17 @@ def knn_accuracy(
         test_labels: ``(M,)`` int64.
     """
     bank = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(bank.device)  # features may live on a GPU, labels not
     k = min(k, bank.shape[0])
     correct = 0
     for start in range(0, test_features.shape[0], chunk):
         queries = F.normalize(test_features[start : start + chunk].float(), dim=1)
         sim, idx = (queries @ bank.T).topk(k, dim=1)  # (m, k)
         weights = (sim / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype)
+        votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype,
+                            device=weights.device)
         votes.scatter_add_(1, train_labels[idx], weights)
-        correct += (votes.argmax(1) == test_labels[start : start + chunk]).sum().item()
+        correct += (votes.argmax(1).cpu() == test_labels[start : start + chunk].cpu()).sum().item()
     return correct / test_features.shape[0]
 
 

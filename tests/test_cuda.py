@@ -122,6 +122,16 @@ def test_bf16_meta_gradient_on_the_gpu_points_where_float32_does(memory, no_tf32
     assert got.grad_alpha.item() == pytest.approx(ref.grad_alpha.item(), rel=5e-2)
 
 
+def test_knn_probe_takes_gpu_features():
+    from ddkd.probes import knn_accuracy
+
+    gen = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(50, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    labels, truth = torch.randint(3, (50,), generator=gen), torch.randint(3, (20,), generator=gen)
+    cpu = knn_accuracy(bank, labels, queries, truth, num_classes=3, k=5)
+    assert knn_accuracy(bank.cuda(), labels, queries.cuda(), truth, num_classes=3, k=5) == cpu
+
+
 def _syncs(run) -> int:
     """How many synchronising CUDA calls ``run()`` makes (``torch.cuda`` sync debug mode)."""
     torch.cuda.synchronize()

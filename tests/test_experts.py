@@ -126,6 +126,22 @@ def test_a_broken_compiler_gets_a_clear_error(tmp_path):
     assert "set experts.compile=off" in out
 
 
+def test_a_compile_failure_in_the_backward_gets_the_same_clear_error():
+    # A compiled step's backward graph is compiled at its first backward call.
+    class FailsBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch._dynamo.exc.TorchDynamoException("the backward graph did not compile")
+
+    loss = FailsBackward.apply(torch.ones(3, requires_grad=True)).sum()
+    with pytest.raises(TrainingError, match="did not compile.*set experts.compile=off"):
+        StudentLoss(CFG).backward(loss)
+
+
 def test_diverging_expert_raises():
     x, z = _data()
     ec = ExpertConfig(num_experts=1, epochs=2, batch_size=8, lr=1e8)

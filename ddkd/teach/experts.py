@@ -91,6 +91,11 @@ class StudentLoss:
     def group(self, params, buffers, x, z) -> torch.Tensor:
         return self._run(self._group, params, buffers, x, z)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``: a compiled step's backward graph is compiled here, at its first
+        call, so its failures get the same clear error as the forward's."""
+        self._run(torch.Tensor.backward, loss)
+
     def _run(self, fn, *args) -> torch.Tensor:
         try:
             return fn(*args)
@@ -158,7 +163,7 @@ def train_expert(
             idx = order[start : start + experts.batch_size]
             value = loss_of(params, buffers, x_train[idx], z_train[idx])
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            loss_of.backward(value)
             optimizer.step()
             total += value.detach() * idx.numel()
         mean_loss = (total / n).item()  # one host sync per epoch, not per step
@@ -219,7 +224,7 @@ def train_experts(
     params, buffers = stack_module_state(students)  # {name: (G, ...)} leaves
     names = [name for name, _ in students[0].named_parameters()]
     del students
-    loss_of_group = (loss or StudentLoss(config)).group
+    loss_of = loss or StudentLoss(config)
     optimizer = torch.optim.SGD(
         [params[name] for name in names],
         lr=experts.lr,
@@ -240,9 +245,9 @@ def train_experts(
         total = torch.zeros(len(ks), device=device)
         for start in range(0, n, experts.batch_size):  # every student has the same batch sizes
             idx = orders[:, start : start + experts.batch_size]  # (G, b)
-            group_loss = loss_of_group(params, buffers, x_train[idx], z_train[idx])  # (G,)
+            group_loss = loss_of.group(params, buffers, x_train[idx], z_train[idx])  # (G,)
             optimizer.zero_grad(set_to_none=True)
-            group_loss.sum().backward()
+            loss_of.backward(group_loss.sum())
             optimizer.step()
             total += group_loss.detach() * idx.shape[1]
         means = (total / n).tolist()

@@ -23,21 +23,26 @@ For each shape it prints one table:
   ``torch.utils.flop_counter``) and the fraction of the device's measured convolution
   throughput that each reaches.
 
-Every ratio is against the reference on the same row. Memory is measured in a fresh process per
-variant: on the CPU, the peak resident set (``ru_maxrss``) above the resident set once the
-inputs are built, before the first run; on a GPU, ``torch.cuda.max_memory_allocated`` above
-the memory allocated at that point. Either way it is the memory one iteration needs.
+Every ratio is against the reference on the same row. On the CPU every variant runs in a fresh
+process, and its memory is the peak resident set (``ru_maxrss``) above the resident set once
+the inputs are built, before the first run. On a GPU the variants run one after another in this
+process, and memory is ``torch.cuda.max_memory_allocated`` above the memory allocated at that
+point (the peak is reset for each variant); the "first run" of a compiled variant may then find
+some of its kernels already compiled by an earlier one. Either way memory is what one
+iteration needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -257,19 +262,36 @@ FAILED: list[str] = []  # the variants that failed, for the exit status
 
 
 def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -> dict | None:
-    """One variant in a fresh process; ``None`` if it failed (its error goes to stderr and the
-    table says so, and the other variants still run: a GPU session has minutes, not hours)."""
-    cmd = [sys.executable, __file__, "--one", variant, "--shapes", shape, "--device",
-           args.device, "--syn-steps", str(syn_steps), "--groups", str(group), "--repeats",
-           str(args.repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    """One variant; ``None`` if it failed (its error goes to stderr and the table says so, and
+    the other variants still run: a GPU session has minutes, not hours).
+
+    On the CPU each variant runs in a fresh process, because the peak resident set that
+    measures its memory only grows. On a GPU they run in this process, one after another (the
+    CUDA allocator's peak is reset for each), which saves a few seconds of start-up apiece."""
     where = f"{shape} {variant} syn_steps={syn_steps} group={group}"
-    if out.returncode != 0:
-        FAILED.append(where)
-        print(f"bench: {where} FAILED (exit {out.returncode}):\n{out.stderr[-3000:]}",
-              file=sys.stderr, flush=True)
-        return None
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.device != "cpu":
+        try:
+            result = measure(variant, shape, torch.device(args.device), syn_steps, group,
+                             args.repeats)
+        except Exception:  # noqa: BLE001 - any failure is this variant's row, not the run's
+            FAILED.append(where)
+            print(f"bench: {where} FAILED:\n{traceback.format_exc()[-3000:]}", file=sys.stderr,
+                  flush=True)
+            return None
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        cmd = [sys.executable, __file__, "--one", variant, "--shapes", shape, "--device",
+               args.device, "--syn-steps", str(syn_steps), "--groups", str(group),
+               "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            FAILED.append(where)
+            print(f"bench: {where} FAILED (exit {out.returncode}):\n{out.stderr[-3000:]}",
+                  file=sys.stderr, flush=True)
+            return None
+        result = json.loads(out.stdout.strip().splitlines()[-1])
     # each figure as it comes, so that a run stopped early keeps what it measured
     print(f"bench: {where}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result

@@ -105,7 +105,8 @@ def _data(shape: str, n: int, device: torch.device):
 
 def measure(variant: str, shape: str, device: torch.device, syn_steps: int, group: int,
             repeats: int) -> dict:
-    """Run one variant (after a warm-up) and return its figures; called in a fresh process."""
+    """Run one variant (after a warm-up) and return its figures: in a fresh process on the CPU,
+    in the benchmark's own process on a GPU (see :func:`_child`)."""
     if not variant.endswith("reference"):  # ddkd's variants run as the ddkd CLI runs them
         tune_cpu_allocator()
     torch.manual_seed(0)
@@ -278,7 +279,8 @@ def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -
             print(f"bench: {where} FAILED:\n{traceback.format_exc()[-3000:]}", file=sys.stderr,
                   flush=True)
             return None
-        finally:
+        finally:  # nothing of this variant may serve the next: compiled graphs, memory
+            torch._dynamo.reset()
             gc.collect()
             torch.cuda.empty_cache()
     else:
@@ -297,9 +299,9 @@ def _child(variant: str, shape: str, args, syn_steps: int = 0, group: int = 1) -
     return result
 
 
-def _ratio(a: float, b: float | None, fmt: str = "{:.2f}x") -> str:
-    """``a / b``, or a dash where the reference it divides by failed."""
-    return "-" if b is None else fmt.format(a / b)
+def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}x") -> str:
+    """``a / b``, or a dash where the reference it involves failed (``None``)."""
+    return "-" if a is None or b is None else fmt.format(a / b)
 
 
 def _allocator_row(variant: str, device: torch.device) -> list[tuple[str, str]]:
@@ -387,8 +389,8 @@ def _matching_table(shape: str, args, peak: dict[str, float]) -> list[str]:
                 lines.append(f"| {name} | {n} | failed (see stderr) |" + " |" * 5)
                 continue
             precision = "bf16" if name.endswith("bf16") else "fp32"
-            speed = _ratio(ref["seconds"], r["seconds"]) if ref else "-"
-            memory = _ratio(r["peak_bytes"], ref["peak_bytes"] if ref else None, "{:.2f}")
+            speed = _ratio(ref and ref["seconds"], r["seconds"])
+            memory = _ratio(r["peak_bytes"], ref and ref["peak_bytes"], "{:.2f}")
             lines.append(
                 f"| {name} | {n} | {r['seconds']:.3f} | {speed} | {_mib(r['peak_bytes'])} | "
                 f"{memory} | {r['flops'] / 1e9:,.1f} | "

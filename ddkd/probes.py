@@ -27,7 +27,7 @@ def knn_accuracy(
     Args:
         train_features: ``(N, D)`` memory bank.
         train_labels: ``(N,)`` int64.
-        test_features: ``(M, D)`` queries.
+        test_features: ``(M, D)`` queries, on the memory bank's device (a GPU's or the CPU).
         test_labels: ``(M,)`` int64.
     """
     bank = F.normalize(train_features.float(), dim=1)

@@ -194,8 +194,8 @@ class SSLTrainer:
             stacked = torch.stack(values)
             if self.dist.world > 1:  # the mean over processes
                 stacked = self.dist.sum([stacked])[0]
-            for j, total in enumerate(stacked.tolist(), start=first):
-                value = total / self.dist.world
+            for j, summed in enumerate(stacked.tolist(), start=first):
+                value = summed / self.dist.world
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"teacher SSL loss became {value} at epoch {self.epoch + 1}, step {j + 1}; "

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from ddkd.cli import RECIPES, stage_values
 from ddkd.config import (
@@ -76,17 +75,3 @@ def test_invalid_toml_is_named(tmp_path):
     with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
         load_recipe(recipe)
 
-
-def test_global_cpu_rng_from_is_reproducible_and_leaves_the_callers_rng_alone():
-    from ddkd.runtime import global_cpu_rng_from, make_generator
-
-    torch.manual_seed(123)
-    before = torch.random.get_rng_state()
-    draws = []
-    for _ in range(2):
-        with global_cpu_rng_from(make_generator(7, 1)):
-            draws.append(torch.randn(5))
-    assert torch.equal(draws[0], draws[1])
-    assert torch.equal(torch.random.get_rng_state(), before)
-    with global_cpu_rng_from(make_generator(7, 2)):
-        assert not torch.equal(torch.randn(5), draws[0])

@@ -38,10 +38,13 @@ CFG = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=8, out_dim=4)
 
 @pytest.fixture
 def no_tf32():
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """Full float32 arithmetic and deterministic cuDNN algorithms, for the equality checks."""
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = flags[0].allow_tf32, flags[1].allow_tf32, flags[0].deterministic
+    flags[0].allow_tf32 = flags[1].allow_tf32 = False
+    flags[0].deterministic = True
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    flags[0].allow_tf32, flags[1].allow_tf32, flags[0].deterministic = before
 
 
 def _data(n=44, device=CUDA):
@@ -62,19 +65,6 @@ def test_experts_on_the_gpu_equal_the_cpu_ones_alone_and_batched(no_tf32):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
         assert np.allclose(loss_a, loss_c, rtol=1e-4) and np.allclose(loss_b, loss_c, rtol=1e-4)
-
-
-@pytest.mark.skipif(not compile_available(CUDA), reason="torch.compile on CUDA needs Triton")
-def test_compiled_experts_on_the_gpu_follow_the_eager_ones(no_tf32):
-    x, z = _data()
-    ec = ExpertConfig(num_experts=2, epochs=2, batch_size=8, lr=0.05)
-    compiled = StudentLoss(CFG, compile=True)
-    eager = [train_expert(CFG, ec, x, z, seed=4, k=k) for k in (0, 1)]
-    got = [train_expert(CFG, ec, x, z, seed=4, k=k, loss=compiled) for k in (0, 1)]
-    for (a, _), (b, _) in zip(eager, got, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    batched = train_experts(CFG, ec, x, z, seed=4, ks=[0, 1], loss=compiled)
-    torch.testing.assert_close(batched[1][0], eager[1][0], rtol=1e-4, atol=1e-5)
 
 
 def _problem(steps, device, dtype=torch.float64, n=6, batch=4):
@@ -158,6 +148,39 @@ def test_expert_training_syncs_once_per_epoch_not_per_step():
         counts[n] = (_syncs(lambda x=x, z=z: train_expert(CFG, ec, x, z, seed=0, k=0)),
                      _syncs(lambda x=x, z=z: train_experts(CFG, ec, x, z, seed=0, ks=[0, 1])))
     assert counts[16] == counts[48], counts
+    assert min(counts[16]) > 0  # the per-epoch syncs are seen: the counter works
+
+
+def test_the_sync_counter_sees_a_sync():
+    assert _syncs(lambda: torch.ones(1, device=CUDA).item()) == 1
+    assert _syncs(lambda: torch.ones(1, device=CUDA) * 2) == 0
+
+
+def test_teacher_training_reads_its_losses_once_per_chunk_of_steps():
+    import ddkd.ssl_training as ssl
+    from ddkd.data import Normalization
+    from ddkd.models import ResNet, ResNetConfig
+
+    def syncs(steps: int) -> int:
+        torch.manual_seed(0)
+        net = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
+        images = torch.randint(0, 256, (8 * steps, 1, 8, 8), dtype=torch.uint8)
+        trainer = ssl.SSLTrainer(net, 32, "barlowtwins", ssl.SSLSchedule(2, 8, 0.05, 5e-4),
+                                 Normalization.fit(images), (1, 8, 8), CUDA, 0, proj_dim=16)
+        trainer.train_epoch(images)  # warm-up
+        return _syncs(lambda: trainer.train_epoch(images))
+
+    # 16 and 48 steps: one read of the losses and three; nothing else per step
+    assert ssl._READ_EVERY == 16 and syncs(48) - syncs(16) == 2
+
+
+def test_library_draws_leave_the_gpu_rng_alone():
+    from ddkd.teach.experts import init_student
+
+    before = torch.cuda.get_rng_state()
+    init_student(CFG, 0, 0)
+    DSA(seed=0)(torch.randn(2, 1, 8, 8, device=CUDA), 0, 0)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("augment", ["none", "dsa"])
@@ -203,3 +226,17 @@ def test_teach_synthesize_evaluate_on_the_gpu(which, tmp_path):
     assert set(env["tf32"]) == {"convolutions", "matmul"}
     rows = json.loads((ev / "results.json").read_text())["rows"]
     assert len(rows) == len(baselines) + 1 and all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+# last: its cold Triton compile takes the longest
+@pytest.mark.skipif(not compile_available(CUDA), reason="torch.compile on CUDA needs Triton")
+def test_compiled_experts_on_the_gpu_follow_the_eager_ones(no_tf32):
+    x, z = _data()
+    ec = ExpertConfig(num_experts=2, epochs=2, batch_size=8, lr=0.05)
+    compiled = StudentLoss(CFG, compile=True)
+    eager = [train_expert(CFG, ec, x, z, seed=4, k=k) for k in (0, 1)]
+    got = [train_expert(CFG, ec, x, z, seed=4, k=k, loss=compiled) for k in (0, 1)]
+    for (a, _), (b, _) in zip(eager, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    batched = train_experts(CFG, ec, x, z, seed=4, ks=[0, 1], loss=compiled)
+    torch.testing.assert_close(batched[1][0], eager[1][0], rtol=1e-4, atol=1e-5)

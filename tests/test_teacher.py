@@ -105,6 +105,23 @@ def test_nan_loss_stops_with_a_clear_error():
         trainer.train_epoch(images)
 
 
+def test_a_nan_in_the_middle_of_a_chunk_names_its_step():
+    from ddkd.errors import TrainingError
+
+    trainer, _ = _trainer()
+    images = torch.randint(0, 256, (160, 1, 8, 8), dtype=torch.uint8)  # 20 steps an epoch
+    real, calls = trainer.step_model, []
+
+    def step_model(view_a, view_b, progress):
+        calls.append(1)
+        loss = real(view_a, view_b, progress)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    trainer.step_model = step_model
+    with pytest.raises(TrainingError, match="became nan at epoch 1, step 5;"):
+        trainer.train_epoch(images)
+
+
 def test_recalibrate_batchnorm_uses_clean_statistics():
     net = ResNet(ResNetConfig(in_channels=1, depth=10, base_width=4))
     images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)

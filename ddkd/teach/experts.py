@@ -96,7 +96,7 @@ class StudentLoss:
         call, so its failures get the same clear error as the forward's."""
         self._run(torch.Tensor.backward, loss)
 
-    def _run(self, fn, *args) -> torch.Tensor:
+    def _run(self, fn, *args) -> torch.Tensor | None:
         try:
             return fn(*args)
         except torch._dynamo.exc.TorchDynamoException as err:  # a compiler problem, not ours

@@ -152,7 +152,7 @@ def test_expert_training_syncs_once_per_epoch_not_per_step():
 
 
 def test_the_sync_counter_sees_a_sync():
-    assert _syncs(lambda: torch.ones(1, device=CUDA).item()) == 1
+    assert _syncs(lambda: torch.ones(1, device=CUDA).item()) >= 1
     assert _syncs(lambda: torch.ones(1, device=CUDA) * 2) == 0
 
 

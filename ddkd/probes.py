@@ -41,7 +41,8 @@ def knn_accuracy(
         votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype,
                             device=weights.device)
         votes.scatter_add_(1, train_labels[idx], weights)
-        correct += (votes.argmax(1).cpu() == test_labels[start : start + chunk].cpu()).sum().item()
+        truth = test_labels[start : start + chunk].to(votes.device)
+        correct += (votes.argmax(1) == truth).sum().item()
     return correct / test_features.shape[0]
 
 

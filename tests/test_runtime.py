@@ -7,7 +7,7 @@ from ddkd.runtime import global_cpu_rng_from, make_generator
 
 def test_global_cpu_rng_from_is_reproducible_and_leaves_the_callers_rng_alone():
     with torch.random.fork_rng(devices=[]):  # this test's own seed, not the session's
-        torch.manual_seed(123)
+        torch.random.default_generator.manual_seed(123)  # the CPU's alone, as the helper
         before = torch.random.get_rng_state()
         draws = []
         for _ in range(2):

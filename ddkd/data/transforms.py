@@ -30,22 +30,20 @@ class Normalization:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float ``(B, C, H, W)`` -> normalised float32."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        return (x - _channels(self.mean, x)) / _channels(self.std, x)
+        mean, std = (_channels(v, x.device, x.dtype) for v in (self.mean, self.std))
+        return (x - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * _channels(self.std, x) + _channels(self.mean, x)
-
-
-def _channels(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """``values`` as a ``(1, C, 1, 1)`` tensor on ``like``'s device and dtype."""
-    return _channel_tensor(values, like.device, like.dtype)
+        mean, std = (_channels(v, x.device, x.dtype) for v in (self.mean, self.std))
+        return x * std + mean
 
 
 @functools.lru_cache(maxsize=64)
-def _channel_tensor(values: tuple[float, ...], device: torch.device,
-                    dtype: torch.dtype) -> torch.Tensor:
-    # Made once per (values, device, dtype): built from a list at every call, it would be a
-    # blocking copy to a GPU, a host sync at every training step that normalises.
+def _channels(values: tuple[float, ...], device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a ``(1, C, 1, 1)`` tensor, made once per (values, device, dtype): built
+    from a list at every call, it would be a blocking copy to a GPU, a host sync at every
+    training step that normalises."""
     return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
 
 

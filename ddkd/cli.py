@@ -251,12 +251,19 @@ def _print_teach_summary(summary: dict) -> None:
     print("\n".join(lines))
 
 
+def _version() -> str:
+    from ddkd import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddkd",
         description="Dataset distillation via knowledge distillation (MKDT, ICLR 2025).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ddkd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     teach = sub.add_parser(

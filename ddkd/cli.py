@@ -213,6 +213,19 @@ def _run_recipe(run: str) -> Path | None:
     return None
 
 
+def _budgets(value: str | None) -> list[int] | None:
+    """``--pretrain-steps 10,20,40`` -> [10, 20, 40]: whole numbers of SGD steps >= 1."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if not v.isdigit() or int(v) < 1]
+    if bad or not items:
+        raise ConfigError(f"--pretrain-steps {value!r}: give SGD step budgets as whole numbers "
+                          f">= 1, comma-separated (e.g. 10,20,40,80,160,400); bad: "
+                          f"{', '.join(bad) or 'none given'}")
+    return [int(v) for v in items]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddkd.distributed import join
     from ddkd.eval.runner import run_evaluate
@@ -226,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds, archs=_csv(args.arch), probe=args.probe, out=args.out,
         device=device, data_root=args.data_root, epochs=args.epochs,
         stratified=not args.uniform, progress=not args.no_progress, command=sys.argv,
-        dist=dist,
+        dist=dist, budgets=_budgets(args.pretrain_steps),
     )
     if not dist.is_main:
         return 0
@@ -419,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "mini-batch SGD, 100 epochs: for very large label sets) or knn (weighted "
                     "20-NN on the labelled features)")
     ev.add_argument("--epochs", type=int, default=20, help="pre-training epochs")
+    ev.add_argument("--pretrain-steps", metavar="STEPS",
+                    help="also draw the pre-training budget curve: probe every KD-trained "
+                    "method after each of these numbers of SGD steps (comma list, e.g. "
+                    "10,20,40,80,160,400; one run per encoder passes through all of them), "
+                    "add the full-data KD baseline, and report each set's worth: the full-data "
+                    "KD steps that reach its accuracy (budget.png, results.md)")
     ev.add_argument("--uniform", action="store_true",
                     help="draw labels uniformly as MKDT did (default: class-stratified)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")

@@ -8,9 +8,13 @@ depend only on (task, fraction, seed), so every row of the table sees the same l
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +25,10 @@ from tqdm import tqdm
 from ddkd.data.datasets import ImageTensors, load_dataset
 from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError
+from ddkd.eval.budget import budget_tables
 from ddkd.eval.labels import label_subset
-from ddkd.eval.plot import plot_results
-from ddkd.eval.pretrain import ARCHS, build_encoder, pretrain
+from ddkd.eval.plot import plot_budget, plot_results
+from ddkd.eval.pretrain import ARCHS, build_encoder, pretrain, steps_per_epoch
 from ddkd.eval.probe import linear_probe, linear_probe_sgd
 from ddkd.io.atomic import write_json, write_text
 from ddkd.io.experts import ExpertsFile
@@ -199,14 +204,28 @@ def run_evaluate(
     progress: bool = True,
     command: list[str] | None = None,
     dist: Ranks | None = None,
+    budgets: list[int] | None = None,
 ) -> dict:
     """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md,png} into ``out``.
 
     ``dist`` (``--devices``): the (method, architecture, seed) encoders are dealt out across
     processes (job i to rank i mod world size); rank 0 gathers every row and writes.
+
+    ``budgets`` (``--pretrain-steps``): every KD-trained method is also probed after each of
+    these numbers of SGD steps (``ddkd.eval.budget``); the full-data KD baseline is added, and
+    results.md gains the budget tables and each set's worth, budget.png the curves.
+
+    Every finished encoder's rows are appended to ``out/jobs.jsonl`` at once, so that a rerun
+    of the same evaluation (same configuration and set files) redoes none of them.
     """
     t0 = time.time()
     dist = dist or Ranks()
+    out = prepare_out(out)
+    for b in budgets or []:
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise ConfigError(f"--pretrain-steps: every budget must be a whole number of SGD "
+                              f"steps >= 1, got {b!r}")
+    budgets = sorted(set(budgets)) if budgets else None
     unknown = [b for b in baselines or [] if b not in BASELINES]
     if unknown:
         raise ConfigError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
@@ -234,6 +253,12 @@ def run_evaluate(
                         "only; pass --run RUN_DIR for the other baselines", loaded[0][0],
                         loaded[0][1].provenance.get("run"))
             baselines = ["none"]
+    if budgets and "full" not in baselines:
+        log.info("--pretrain-steps: adding the full-data KD baseline (the curve's reference)")
+        baselines = [*baselines, "full"]
+    if budgets and run_dir is None:
+        raise ConfigError("--pretrain-steps measures sets against full-data KD, which needs "
+                          "the teach run's images and targets: pass --run RUN_DIR")
     shape = shapes.pop() if shapes else None
     if shape is None:
         if run_dir is None:
@@ -258,66 +283,218 @@ def run_evaluate(
     needed = {task: torch.unique(torch.cat([idx for (t, _, _), idx in labelled.items()
                                             if t == task])) for task in tasks}
     student = loaded[0][1].provenance.get("student") if loaded else None
+    config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
+              "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
+              "epochs": epochs, "stratified": stratified, "pretrain_steps": budgets}
 
-    rows = []
     # The teacher is one fixed network: one row, whatever --arch says (seeds vary the labels).
     jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in methods
             for a in (archs[:1] if m.fixed_encoder is not None else archs)
             for s in range(seeds)]
     mine = [(i, job) for i, job in enumerate(jobs) if i % dist.world == dist.rank]
+    plan = _JobPlan(tasks, labelled, needed, fractions, probe, shape, student, epochs,
+                    budgets or [], device)
+    journal = _Journal(out / ("jobs.jsonl" if dist.world == 1 else f"jobs-{dist.rank}.jsonl"),
+                       _journal_key(config, [p for p, _ in loaded]))
+    done = journal.load()
+    if done:
+        log.info("resuming: %d of %d encoders already evaluated in %s", len(done), len(mine),
+                 journal.path)
+    rows = []
     bar = tqdm(mine, desc="evaluate", unit="encoder", leave=False,
                disable=not (progress and dist.is_main and sys.stderr.isatty()))
     for job_index, (method, arch, seed) in bar:
         bar.set_postfix(method=method.name[:24], arch=arch, seed=seed)
-        encoder, pretrain_loss = _encoder(method, arch, seed, shape, student, epochs, device)
-        for task, (train, test) in tasks.items():
-            def to_space(images, method=method):
-                x = method.space(images.to(device))
-                return method.zca(x) if method.zca is not None else x
-            f_needed = _features(encoder, train.images[needed[task]], to_space, device)
-            f_test = _features(encoder, test.images, to_space, device)
-            for fraction in fractions:
-                idx = labelled[(task, fraction, seed)]
-                f_train = f_needed[torch.searchsorted(needed[task], idx)]
-                y_train = train.labels[idx]
-                if probe == "lbfgs":
-                    acc = linear_probe(f_train, y_train, f_test, test.labels, train.num_classes)
-                elif probe == "sgd":
-                    acc = linear_probe_sgd(f_train, y_train, f_test, test.labels,
-                                           train.num_classes, seed=seed)
-                else:
-                    acc = knn_accuracy(f_train, y_train, f_test, test.labels, train.num_classes)
-                rows.append({"method": method.name, "baseline": method.baseline,
-                             "arch": arch, "seed": seed,
-                             "downstream": task, "fraction": fraction, "labels": len(idx),
-                             "accuracy": acc, "probe": probe, "lr": method.lr,
-                             "pretrain_final_loss": pretrain_loss,
-                             "_order": (job_index, len(rows))})
-    bar.close()
+        key = f"{job_index}|{method.name}|{arch}|{seed}"
+        if key not in done:
+            job_rows = _job_rows(plan, method, arch, seed)
+            for i, r in enumerate(job_rows):
+                r["_order"] = (job_index, i)
+            journal.append(key, job_rows)
+            done[key] = job_rows
+        rows.extend(done[key])
     if dist.world > 1:  # every process's rows, in the order one process writes them
         rows = sorted((r for part in dist.gather(rows) for r in part),
                       key=lambda r: r["_order"])
         if not dist.is_main:
             return {"out": str(out), "rank": dist.rank}
-    for r in rows:
-        del r["_order"]
-    table = markdown_table(rows, fractions, list(tasks))
-    paired = paired_tables(rows, fractions, list(tasks))
+    rows = [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+    standard = [r for r in rows if r["standard"]]
+    table = markdown_table(standard, fractions, list(tasks))
+    paired = paired_tables(standard, fractions, list(tasks))
     if paired:
         table += "\n\n" + paired
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
-              "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
-              "epochs": epochs, "stratified": stratified}
+    curve = budget_tables(rows, fractions, list(tasks)) if budgets else ""
+    if curve:
+        table += "\n\n## Pre-training budget (probe accuracy against SGD steps)\n\n" + curve
     write_json(out / "results.json", {"config": config, "rows": rows,
                                       "environment": {**environment_record(device),
                                                       "command": command}})
     _write_csv(out / "results.csv", rows)
     write_text(out / "results.md", table + "\n")
-    plot_results(rows, out / "results.png", title=f"{probe} probe, {seeds} seed(s)")
+    plot_results(standard, out / "results.png", title=f"{probe} probe, {seeds} seed(s)")
+    if budgets:
+        plot_budget(rows, out / "budget.png", title=f"{probe} probe, {seeds} seed(s)")
     return {"out": str(out), "table": table, "seconds": round(time.time() - t0, 1),
             "rows": len(rows)}
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Create the output folder and prove it writable before any work (a failure after
+    minutes of pre-training would lose them)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err}); give a "
+                          "writable folder") from None
+    return out
+
+
+@dataclass
+class _JobPlan:
+    """What every (method, arch, seed) job needs besides its method: decided once."""
+
+    tasks: dict[str, tuple[ImageTensors, ImageTensors]]
+    labelled: dict[tuple[str, float, int], torch.Tensor]
+    needed: dict[str, torch.Tensor]
+    fractions: list[float]
+    probe: str
+    shape: tuple[int, int, int]
+    student: dict | None
+    epochs: int
+    budgets: list[int]
+    device: torch.device
+
+
+def _job_rows(plan: _JobPlan, method: Method, arch: str, seed: int) -> list[dict]:
+    """Pre-train (or take) one encoder and probe it: rows of every task x fraction, at the
+    standard recipe's steps and, with budgets, at each budget on the way."""
+    info = {"method": method.name, "baseline": method.baseline, "arch": arch, "seed": seed,
+            "lr": method.lr}
+    if method.fixed_encoder is not None or method.images is None or method.ssl is not None:
+        start = time.perf_counter()
+        encoder, loss = _encoder(method, arch, seed, plan.shape, plan.student, plan.epochs,
+                                 plan.device)
+        seconds = None if method.images is None else round(time.perf_counter() - start, 3)
+        steps = 0 if method.images is None and method.fixed_encoder is None else None
+        return _probe_rows(plan, encoder, method, seed, {
+            **info, "steps": steps, "standard": True, "budget": False,
+            "train_seconds": seconds, "pretrain_final_loss": loss})
+    images, targets = method.data(seed)
+    encoder = _fresh_encoder(method, arch, seed, plan.shape, plan.student, targets)
+    encoder = encoder.to(plan.device)
+    own = plan.epochs * steps_per_epoch(len(images), 256, encoder)
+    marks = set(plan.budgets) | {own}
+    rows: list[dict] = []
+    clock = {"train": 0.0, "since": time.perf_counter()}
+
+    def at_step(step: int) -> None:
+        if step not in marks:
+            return
+        clock["train"] += time.perf_counter() - clock["since"]
+        rows.extend(_probe_rows(plan, encoder, method, seed, {
+            **info, "steps": step, "standard": step == own, "budget": step in plan.budgets,
+            "train_seconds": round(clock["train"], 3), "pretrain_final_loss": None}))
+        encoder.train()
+        clock["since"] = time.perf_counter()
+
+    loss_fn = method.objective.to(plan.device).loss if method.objective is not None else None
+    losses = pretrain(encoder, images.to(plan.device), targets.to(plan.device), method.lr,
+                      seed, steps=max(marks), on_step=at_step, loss_fn=loss_fn)
+    for r in rows:  # the standard recipe's last epoch is epoch ``epochs`` of the longer run
+        if r["standard"]:
+            r["pretrain_final_loss"] = losses[plan.epochs - 1]
+    return rows
+
+
+def _probe_rows(plan: _JobPlan, encoder: torch.nn.Module, method: Method, seed: int,
+                info: dict) -> list[dict]:
+    """Probe ``encoder``'s frozen features at every task x label fraction -> result rows."""
+    def to_space(images):
+        x = method.space(images.to(plan.device))
+        return method.zca(x) if method.zca is not None else x
+
+    rows = []
+    for task, (train, test) in plan.tasks.items():
+        needed = plan.needed[task]
+        f_needed = _features(encoder, train.images[needed], to_space, plan.device)
+        f_test = _features(encoder, test.images, to_space, plan.device)
+        for fraction in plan.fractions:
+            idx = plan.labelled[(task, fraction, seed)]
+            f_train = f_needed[torch.searchsorted(needed, idx)]
+            y_train = train.labels[idx]
+            if plan.probe == "lbfgs":
+                acc = linear_probe(f_train, y_train, f_test, test.labels, train.num_classes)
+            elif plan.probe == "sgd":
+                acc = linear_probe_sgd(f_train, y_train, f_test, test.labels,
+                                       train.num_classes, seed=seed)
+            else:
+                acc = knn_accuracy(f_train, y_train, f_test, test.labels, train.num_classes)
+            rows.append({**info, "downstream": task, "fraction": fraction, "labels": len(idx),
+                         "accuracy": acc, "probe": plan.probe})
+    return rows
+
+
+def _journal_key(config: dict, set_paths: list[str]) -> str:
+    """What makes two evaluations the same: the configuration and the sets' bytes."""
+    material = {"config": config, "sets": [sha256_file(p) for p in set_paths]}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+class _Journal:
+    """Finished jobs' rows, one JSON line each, appended and fsynced as they finish.
+
+    The first line holds the evaluation's key; a journal of another evaluation is started
+    afresh. A line cut short by a kill is ignored (that job is redone).
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def load(self) -> dict[str, list[dict]]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        done: dict[str, list[dict]] = {}
+        if lines and _json_or_none(lines[0]) == {"key": self.key}:
+            for line in lines[1:]:
+                entry = _json_or_none(line)
+                if isinstance(entry, dict) and "job" in entry and "rows" in entry:
+                    for r in entry["rows"]:
+                        r["_order"] = tuple(r["_order"])
+                    done[entry["job"]] = entry["rows"]
+        else:
+            write_text(self.path, json.dumps({"key": self.key}) + "\n")
+        return done
+
+    def append(self, job: str, rows: list[dict]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"job": job, "rows": rows}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _fresh_encoder(method: Method, arch: str, seed: int, shape, student,
+                   targets: torch.Tensor | None) -> torch.nn.Module:
+    if targets is None:  # the head is never trained: any width the student allows
+        out_dim = int((student or {}).get("out_dim") or 1)
+    else:
+        out_dim = (method.objective.student_dim if method.objective is not None
+                   else targets.shape[1])
+    return build_encoder(arch, shape, out_dim, seed, student)
 
 
 def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
@@ -325,12 +502,7 @@ def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
     if method.fixed_encoder is not None:
         return method.fixed_encoder.to(device), None
     images, targets = method.data(seed)
-    if targets is None:  # the head is never trained: any width the student allows
-        out_dim = int((student or {}).get("out_dim") or 1)
-    else:
-        out_dim = (method.objective.student_dim if method.objective is not None
-                   else targets.shape[1])
-    encoder = build_encoder(arch, shape, out_dim, seed, student).to(device)
+    encoder = _fresh_encoder(method, arch, seed, shape, student, targets).to(device)
     if images is None:
         return encoder.eval(), None
     if method.ssl is not None:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_fmnist
 from ddkd.errors import FileFormatError
 from ddkd.io.synthset import SynthSet, load_synthset, save_synthset
 
@@ -96,3 +97,32 @@ def test_crash_while_writing_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         save_synthset(tmp_path / "s.h5", s)
     assert list(tmp_path.iterdir()) == []
+
+
+@requires_fmnist
+def test_provenance_names_the_shipped_teacher(tmp_path):
+    """A set made from the shipped teacher records it truly: its SSL method and epochs from
+    the teacher's own metadata, the checksum of the shipped file (not the configuration's
+    training defaults, not the run's re-saved copy)."""
+    import json as _json
+
+    from ddkd.cli import main
+    from ddkd.io.synthset import load_synthset
+    from ddkd.runtime import sha256_file
+    from ddkd.teach.sources import shipped_teacher_path
+
+    run, out = tmp_path / "run", tmp_path / "set.h5"
+    assert main(["teach", "--subset", "64", "--experts", "1", "--expert-epochs", "1",
+                 "--set", "student.width=8", "--set", "experts.compile=off", "--out", str(run),
+                 "--no-progress"]) == 0
+    assert main(["synthesize", "--run", str(run), "--ipc", "1", "--iterations", "1",
+                 "--syn-steps", "1", "--expert-epochs", "1", "--max-start-epoch", "1",
+                 "--batch-syn", "10", "--out", str(out), "--no-progress"]) == 0
+    teacher = load_synthset(out).provenance["teacher"]
+    asset = shipped_teacher_path("fashion-mnist")
+    shipped = _json.loads(asset.with_suffix(".json").read_text())
+    assert teacher["source"] == "shipped"
+    assert (teacher["ssl"], teacher["epochs"]) == (shipped["ssl"], shipped["epochs"])
+    assert teacher["file"] == asset.name
+    assert teacher["checksum"] == sha256_file(asset) == shipped["sha256"]
+    assert load_synthset(out).provenance["teacher_checksum"] == teacher["checksum"]

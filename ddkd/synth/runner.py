@@ -24,6 +24,7 @@ from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.io.atomic import append_jsonl, atomic_path, read_jsonl, write_json
 from ddkd.io.experts import ExpertsFile
+from ddkd.io.provenance import teacher_record
 from ddkd.io.run import open_run
 from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
@@ -340,13 +341,14 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     losses = [history[i]["loss"] for i in sorted(history)]
     lrs = [history[i]["lr"] for i in sorted(history)]
     window = max(1, len(losses) // 10)
+    teacher = teacher_record(opened.run.teacher, opened.teach_config["teacher"])
     provenance = {
         "source_dataset": dataset,
         "source_train_checksum": opened.environment["inputs"]["train_checksum"],
         "source_num_classes": opened.num_classes,
         "run": str(opened.run.root.resolve()),
-        "teacher_checksum": sha256_file(opened.run.teacher),
-        "teacher": opened.teach_config["teacher"],
+        "teacher_checksum": teacher["checksum"],
+        "teacher": teacher,
         "experts_checksum": sha256_file(opened.run.experts),
         "num_experts": len(experts),
         "student": asdict(student),

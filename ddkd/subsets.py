@@ -14,7 +14,23 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ddkd.errors import ConfigError
 from ddkd.models.functional import ParamSpec, functional_forward
+from ddkd.runtime import make_generator
+
+# The random stream of a run's training subset: teach draws it, and evaluate draws it again to
+# rebuild the baselines of a set made from the shipped teacher. Changing it changes every run.
+_STREAM_RUN_SUBSET = 10
+
+
+def select_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of the training images a run uses (all, or a seeded random subset)."""
+    if subset is None:
+        return torch.arange(n)
+    if subset > n:
+        raise ConfigError(f"--subset {subset} is larger than the dataset ({n} training images)")
+    gen = make_generator(seed, _STREAM_RUN_SUBSET)
+    return torch.randperm(n, generator=gen)[:subset].sort().values
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ def test_evaluate_writes_all_outputs(tiny, tmp_path, capsys):
 
 def test_high_loss_baseline_is_the_sets_high_loss_start(tiny):
     # Reused from a set initialised high-loss from the same experts, or recomputed: one subset.
+    from ddkd.eval.baseline_data import from_run
     from ddkd.eval.runner import _baselines
     from ddkd.io.run import open_run
     from ddkd.io.synthset import load_synthset
@@ -59,8 +60,9 @@ def test_high_loss_baseline_is_the_sets_high_loss_start(tiny):
     assert loaded.provenance["init"] == "high-loss"
     shape = tuple(loaded.images.shape[1:])
     cpu = torch.device("cpu")
-    (reused,) = _baselines(["high-loss"], str(run), len(loaded), shape, [loaded], cpu)
-    (computed,) = _baselines(["high-loss"], str(run), len(loaded), shape, [], cpu)
+    source = from_run(run)
+    (reused,) = _baselines(["high-loss"], source, len(loaded), shape, [loaded], cpu)
+    (computed,) = _baselines(["high-loss"], source, len(loaded), shape, [], cpu)
     assert torch.equal(reused.images, computed.images)
     opened = open_run(run)
     position = {int(i): p for p, i in enumerate(opened.indices.tolist())}

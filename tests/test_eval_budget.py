@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import TINY_TEACH as TEACH
-from conftest import write_imagefolder
+from conftest import requires_fmnist, write_imagefolder
 from ddkd.cli import main
 from ddkd.eval.budget import Worth, set_worths, worth_steps
 
@@ -212,3 +212,36 @@ def test_a_killed_evaluation_resumes_with_the_rows_it_finished(tiny, tmp_path, m
 
     resumed = json.loads((out / "results.json").read_text())["rows"]
     assert untimed(resumed) == untimed(uninterrupted)
+
+
+# --- a set made from the shipped teacher needs no run for its baselines --------------------
+
+@requires_fmnist
+def test_shipped_teacher_sets_evaluate_their_baselines_without_the_run(tmp_path, caplog):
+    """The baselines rebuilt from the shipped teacher (the run's subset drawn again, the
+    teacher's targets computed as teach does) are those of the run itself: same rows."""
+    import shutil
+
+    run, synth = tmp_path / "run", tmp_path / "set.h5"
+    assert main(["teach", "--subset", "300", "--experts", "1", "--expert-epochs", "1",
+                 "--set", "student.width=8", "--set", "experts.compile=off", "--out", str(run),
+                 "--no-progress"]) == 0
+    assert main(["synthesize", "--run", str(run), "--ipc", "2", "--iterations", "1",
+                 "--syn-steps", "1", "--expert-epochs", "1", "--max-start-epoch", "1",
+                 "--batch-syn", "20", "--out", str(synth), "--no-progress"]) == 0
+    args = ["--baselines", "random,high-loss,full", "--fractions", "0.01",
+            "--seeds", "1", "--epochs", "1", "--no-progress"]
+    with_run = tmp_path / "with-run"
+    assert main(["evaluate", str(synth), "--run", str(run), "--out", str(with_run), *args]) == 0
+    shutil.rmtree(run)  # as after `pip install`: the set, but not the run that made it
+    without = tmp_path / "without-run"
+    with caplog.at_level("INFO"):
+        assert main(["evaluate", str(synth), "--out", str(without), *args]) == 0
+    assert "computing the shipped teacher's targets" in caplog.text
+
+    def accuracies(folder):
+        rows = json.loads((folder / "results.json").read_text())["rows"]
+        return {(r["method"], r["seed"], r["fraction"]): r["accuracy"] for r in rows}
+
+    assert accuracies(without) == accuracies(with_run)
+    assert len(accuracies(without)) == 4  # the set and three baselines

@@ -23,8 +23,14 @@ import torch
 from tqdm import tqdm
 
 from ddkd.data.datasets import ImageTensors, load_dataset
-from ddkd.data.transforms import ZCA, Normalization
+from ddkd.data.transforms import Normalization
 from ddkd.errors import ConfigError
+from ddkd.eval.baseline_data import (
+    BaselineData,
+    from_run,
+    from_shipped_teacher,
+    shipped_teacher_of,
+)
 from ddkd.eval.budget import budget_tables
 from ddkd.eval.labels import label_subset
 from ddkd.eval.plot import plot_budget, plot_results
@@ -88,33 +94,31 @@ def _set_method(path: str, synth: SynthSet) -> Method:
                   objective=objective)
 
 
-def _baselines(names: list[str], run_dir: str | None, size: int, shape,
+def _baselines(names: list[str], source: BaselineData | None, size: int, shape,
                sets: list[SynthSet], device: torch.device) -> list[Method]:
     if names == ["none"] and sets:  # needs no run: a fresh encoder in the set's input space
         return [Method("no pre-training", None, None, 0.0, _set_method("", sets[0]).space,
                        baseline="none")]
     if not names:
         return []
-    if run_dir is None:
+    if source is None:
         raise ConfigError(f"the baselines {','.join(n for n in names if n != 'none')} need the "
                           "teach run: pass --run RUN_DIR (or evaluate a set whose provenance "
-                          "names an existing run)")
-    opened = open_run(run_dir)
-    space = Normalization(tuple(opened.normalization["mean"]), tuple(opened.normalization["std"]))
-    if tuple(opened.images.shape[1:]) != tuple(shape):
-        raise ConfigError(f"--run {run_dir} holds {tuple(opened.images.shape[1:])} images but "
+                          "names an existing run or the shipped teacher)")
+    space = source.normalization
+    if tuple(source.images.shape[1:]) != tuple(shape):
+        raise ConfigError(f"{source.where} holds {tuple(source.images.shape[1:])} images but "
                           f"the sets are {tuple(shape)}")
-    x_all = space(opened.images)
-    objective = restore_objective(opened.objective, opened.objective_state or {},
-                                  opened.targets.shape[1])
-    z_all = objective.targets(opened.targets)  # the objective's target space
-    zca = None
-    if opened.zca is not None:  # the run's targets and experts live in whitened space
-        zca = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))
+    x_all = space(source.images)
+    objective = restore_objective(source.objective, source.objective_state,
+                                  source.targets.shape[1])
+    z_all = objective.targets(source.targets)  # the objective's target space
+    zca = source.zca
+    if zca is not None:  # the run's targets and experts live in whitened space
         x_all = zca(x_all)
     if {"random", "high-loss", "ssl-random"} & set(names) and size > len(x_all):
-        raise ConfigError(f"the subset baselines need {size} images (the set's size); the run "
-                          f"{run_dir} has {len(x_all)}")
+        raise ConfigError(f"the subset baselines need {size} images (the set's size); "
+                          f"{source.where} has {len(x_all)}")
     methods = []
     for name in names:
         if name == "none":
@@ -124,27 +128,26 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
                                   _BASELINE_LR, space, zca, subset_size=size,
                                   objective=objective, baseline="random"))
         elif name == "high-loss":
-            idx = _high_loss_subset(opened, x_all, z_all, objective, size, sets, device)
+            idx = _high_loss_subset(source, x_all, z_all, objective, size, sets, device)
             methods.append(Method(f"high-loss subset + KD (n={size})", x_all[idx],
                                   z_all[idx], _BASELINE_LR, space, zca, objective=objective,
                                   baseline="high-loss"))
         elif name == "ssl-random":
-            _, _, _, meta = load_weights(opened.run.teacher)
+            _, _, _, meta = load_weights(source.teacher_file)
             # The teacher's own SSL objective where it is recorded; MKDT's otherwise.
             method = meta.get("ssl") or "barlowtwins"
-            methods.append(Method(f"random subset + SSL ({method}, n={size})", opened.images,
+            methods.append(Method(f"random subset + SSL ({method}, n={size})", source.images,
                                   None, _BASELINE_LR, space, subset_size=size, ssl=method,
-                                  proj_dim=int(opened.teach_config["teacher"]["proj_dim"]),
-                                  baseline="ssl-random"))
+                                  proj_dim=source.proj_dim, baseline="ssl-random"))
         elif name == "full":
             methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, z_all,
                                   _BASELINE_LR, space, zca, objective=objective,
                                   baseline="full"))
         elif name == "teacher":
-            state, kind, arch, _ = load_weights(opened.run.teacher)
+            state, kind, arch, _ = load_weights(source.teacher_file)
             if kind != "resnet":
-                raise ConfigError(f"the teacher of {run_dir} is a {kind!r}; only ResNet teachers "
-                                  "can be rebuilt for evaluation")
+                raise ConfigError(f"the teacher of {source.where} is a {kind!r}; only ResNet "
+                                  "teachers can be rebuilt for evaluation")
             teacher = ResNet(ResNetConfig(**arch))
             teacher.load_state_dict(state)
             methods.append(Method("teacher (ceiling)", None, None, 0.0, space,
@@ -152,25 +155,29 @@ def _baselines(names: list[str], run_dir: str | None, size: int, shape,
     return methods
 
 
-def _high_loss_subset(opened, x_all: torch.Tensor, z_all: torch.Tensor, objective: Objective,
-                      size: int, sets: list[SynthSet], device: torch.device) -> torch.Tensor:
+def _high_loss_subset(source: BaselineData, x_all: torch.Tensor, z_all: torch.Tensor,
+                      objective: Objective, size: int, sets: list[SynthSet],
+                      device: torch.device) -> torch.Tensor:
     """MKDT's high-loss selection (``ddkd.subsets``) over the run's images -> positions.
 
     A set initialised high-loss from the same experts already holds exactly this subset (its
     ``init_indices``): it is reused rather than recomputed.
     """
-    experts_sum = sha256_file(opened.run.experts)
-    position = {int(i): p for p, i in enumerate(opened.indices.tolist())}
+    position = {int(i): p for p, i in enumerate(source.indices.tolist())}
     for synth in sets:
         prov = synth.provenance
-        if (prov.get("init") == "high-loss" and prov.get("experts_checksum") == experts_sum
+        if (prov.get("init") == "high-loss"
+                and prov.get("experts_checksum") == source.experts_checksum
                 and synth.init_indices is not None and len(synth.init_indices) == size):
             return torch.tensor([position[int(i)] for i in synth.init_indices.tolist()])
-    with ExpertsFile(opened.run.experts) as experts:
+    if source.experts_file is None:
+        raise ConfigError(f"the high-loss baseline needs the experts, and {source.where} has "
+                          "none: pass --run RUN_DIR, or leave high-loss out of --baselines")
+    with ExpertsFile(source.experts_file) as experts:
         student = ConvNet(ConvNetConfig(**experts.header.student)).to(device)
         spec: ParamSpec = experts.header.param_spec
         snapshots = [experts.snapshot(k, 1) for k in range(len(experts))]
-    log.info("selecting the %d highest-loss images of %s", size, opened.run.root)
+    log.info("selecting the %d highest-loss images of %s", size, source.where)
     return high_loss_indices(student, spec, snapshots, x_all.to(device), z_all.to(device), size,
                              objective.to(device).per_example_loss)
 
@@ -246,9 +253,10 @@ def run_evaluate(
     if run_dir is None and loaded:
         candidate = loaded[0][1].provenance.get("run")
         run_dir = candidate if candidate and Path(candidate).is_dir() else None
+    shipped = bool(run_dir is None and loaded and shipped_teacher_of(loaded[0][1]) is not None)
     if baselines is None:  # the default: every baseline but the costly full-data one
         baselines = list(DEFAULT_BASELINES)
-        if run_dir is None and loaded:
+        if run_dir is None and loaded and not shipped:
             log.warning("the teach run of %s is not here (%s): comparing with no pre-training "
                         "only; pass --run RUN_DIR for the other baselines", loaded[0][0],
                         loaded[0][1].provenance.get("run"))
@@ -256,7 +264,7 @@ def run_evaluate(
     if budgets and "full" not in baselines:
         log.info("--pretrain-steps: adding the full-data KD baseline (the curve's reference)")
         baselines = [*baselines, "full"]
-    if budgets and run_dir is None:
+    if budgets and run_dir is None and not shipped:
         raise ConfigError("--pretrain-steps measures sets against full-data KD, which needs "
                           "the teach run's images and targets: pass --run RUN_DIR")
     shape = shapes.pop() if shapes else None
@@ -268,7 +276,12 @@ def run_evaluate(
     if size is None and "random" in baselines:
         raise ConfigError("the random baseline takes its size from a set: give one")
     methods = [_set_method(p, s) for p, s in loaded]
-    methods += _baselines(baselines, run_dir, size or 0, shape, [s for _, s in loaded], device)
+    source = None
+    if [b for b in baselines if b != "none"]:
+        source = (from_run(run_dir) if run_dir is not None else
+                  from_shipped_teacher(loaded[0][1], loaded[0][0], data_root, device)
+                  if shipped else None)
+    methods += _baselines(baselines, source, size or 0, shape, [s for _, s in loaded], device)
     if downstream is None:
         source = loaded[0][1].provenance.get("source_dataset") if loaded else \
             open_run(run_dir).teach_config["data"]["dataset"]

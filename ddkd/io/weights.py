@@ -24,6 +24,11 @@ FORMAT = "ddkd-weights"
 VERSION = 1
 
 
+# The teachers ddkd ships (trained by ddkd itself; each with a JSON record of how), by dataset.
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_TEACHERS = {"fashion-mnist": "fashion-mnist-teacher.h5"}
+
+
 def save_weights(
     path: str | Path, state: dict[str, torch.Tensor], kind: str, config: dict, meta: dict
 ) -> None:

@@ -50,6 +50,7 @@ from ddkd.runtime import (
     sha256_file,
 )
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
+from ddkd.subsets import select_subset
 from ddkd.teach import sources
 from ddkd.teach.experts import (
     StudentLoss,
@@ -63,22 +64,12 @@ from ddkd.teach.targets import compute_targets
 
 log = logging.getLogger(__name__)
 
-_STREAM_SUBSET, _STREAM_RANDOM_NET, _STREAM_TEACHER_INIT, _STREAM_OBJECTIVE = 10, 30, 31, 32
+_STREAM_RANDOM_NET, _STREAM_TEACHER_INIT, _STREAM_OBJECTIVE = 30, 31, 32
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()),
                 dynamic_ncols=True, leave=False)
-
-
-def select_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
-    """Sorted indices of the training images a run uses (all, or a seeded random subset)."""
-    if subset is None:
-        return torch.arange(n)
-    if subset > n:
-        raise ConfigError(f"--subset {subset} is larger than the dataset ({n} training images)")
-    gen = make_generator(seed, _STREAM_SUBSET)
-    return torch.randperm(n, generator=gen)[:subset].sort().values
 
 
 def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_dim: int,

@@ -17,11 +17,8 @@ from torch import nn
 
 from ddkd.config import TeacherConfig
 from ddkd.errors import ConfigError, DDKDError
-from ddkd.io.weights import load_weights
+from ddkd.io.weights import ASSETS, SHIPPED_TEACHERS, load_weights
 from ddkd.models.resnet import ResNet, ResNetConfig
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED_TEACHERS = {"fashion-mnist": "fashion-mnist-teacher.h5"}
 
 
 def shipped_teacher_path(dataset: str) -> Path:

@@ -17,6 +17,9 @@ from ddkd.errors import ConfigError, DDKDError
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_TEACH_RECIPE = "fashion-mnist"
+# Ends a help text that states its own default: prints nothing, and keeps
+# ArgumentDefaultsHelpFormatter from adding a second "(default: None)".
+_STATED = "%(default).0s"
 
 
 def recipe_path(name_or_file: str) -> Path:
@@ -285,18 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train or load an SSL teacher, compute its representations of the training images, "
             "and record the trajectories of ConvNet students trained to regress them. With no "
-            "arguments: the CPU default on Fashion-MNIST with the shipped teacher (~8 min on 2 "
-            "cores). Paper scale: --recipe cifar10-paper --data-root DIR (GPU)."
+            "arguments: the CPU default on Fashion-MNIST with the shipped teacher (measured: "
+            "about 3 minutes on 2 cores of an AVX512-BF16 Xeon, about 15 on 2 cores of an "
+            "AVX2-only AMD EPYC). Paper scale: --recipe cifar10-paper --data-root DIR (GPU)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     teach.add_argument("--recipe", help=f"TOML recipe file or shipped recipe name "
-                       f"(default: {DEFAULT_TEACH_RECIPE}; shipped: see ddkd/recipes)")
+                       f"(default: {DEFAULT_TEACH_RECIPE}; shipped: see ddkd/recipes)" + _STATED)
     teach.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override any setting, e.g. --set experts.lr=0.05 (repeatable)")
     teach.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, cifar100, "
-                       "cifar10-samples, cifar100-samples or imagefolder:PATH")
-    teach.add_argument("--data-root", help="folder holding the dataset (cifar: torchvision layout)")
+                       "tiny-imagenet, cifar10-samples, cifar100-samples or imagefolder:PATH")
+    teach.add_argument("--data-root", help="folder holding the dataset (cifar: torchvision layout; "
+                       "tiny-imagenet: the folder holding tiny-imagenet-200/)")
     teach.add_argument("--subset", type=int, help="use N training images (seeded random subset)")
     teach.add_argument("--ssl", help="train the teacher with barlowtwins, simclr, byol or vicreg")
     teach.add_argument("--train-teacher", action="store_true",
@@ -314,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "tcs (Zhou et al. 2024: PCA coordinates + direction hashing), ssld "
                        "(Cui et al. 2021: symmetric KL over cosine similarities to anchors), skd "
                        "(Kulkarni et al. 2019: block-by-block regression of the teacher's stages, "
-                       "then the mse stage, which is what the experts record)")
+                       "then the mse stage, which is what the experts record)" + _STATED)
     teach.add_argument("--devices", type=int, default=1,
                        help="processes on this node (GPUs, or CPU processes with gloo): the "
                        "teacher trains data-parallel (DDP, lightly's losses gathered across "
@@ -329,10 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="students trained at once by one batched (vmap) forward; the "
                        "trajectories equal those of one-by-one training to float tolerance. "
                        "Default (0): 8 on a GPU, 1 on the CPU, where batching does not pay "
-                       "(see bench/)")
+                       "(see bench/)" + _STATED)
     teach.add_argument("--seed", type=int, help="seed of everything random in the run")
     teach.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    teach.add_argument("--out", help="run directory (default: runs/teach-DATASET-seedS)")
+    teach.add_argument("--out",
+                       help="run directory (default: runs/teach-DATASET-seedS)" + _STATED)
     teach.add_argument("--resume", action="store_true", help="continue an interrupted run")
     teach.add_argument("--overwrite", action="store_true", help="replace an existing run")
     teach.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -368,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "augmentation, one draw per step shared by all images)")
     syn.add_argument("--segments", type=int,
                      help="expert segments per outer iteration, their meta-gradients averaged "
-                     "(MTT/MKDT: 1; default: the number of processes)")
+                     "(MTT/MKDT: 1; default: the number of processes)" + _STATED)
     syn.add_argument("--devices", type=int, default=1,
                      help="processes on this node (GPUs, or CPU processes with gloo), each "
                      "matching its share of every iteration's segments (Lightning Fabric; "
@@ -386,12 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "the space, and a whitened run is always matched whitened)")
     syn.add_argument("--seed", type=int, help="seed of the iterations' draws")
     syn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    syn.add_argument("--out", help="output file (default: synth_sets/DATASET_ipcK_seedS.h5)")
+    syn.add_argument("--out",
+                     help="output file (default: synth_sets/DATASET_ipcK_seedS.h5)" + _STATED)
     syn.add_argument("--resume", action="store_true", help="continue an interrupted run")
     syn.add_argument("--overwrite", action="store_true", help="replace an existing output")
     syn.add_argument("--recipe", help="recipe with a [synthesize] table (default: the one "
                      "the run was made with, e.g. fashion-mnist for the CPU default; MKDT's "
-                     "values when it has none)")
+                     "values when it has none)" + _STATED)
     syn.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override any setting, e.g. --set checkpoint_minutes=1")
     syn.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -409,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ev.add_argument("sets", nargs="*", help="synthetic sets (.h5)")
-    ev.add_argument("--run", help="teach run for the baselines (default: the set's own run)")
+    ev.add_argument("--run",
+                    help="teach run for the baselines (default: the set's own run)" + _STATED)
     ev.add_argument("--baselines",
                     help="comma list (or '' for none) of: none (a freshly initialised encoder, "
                     "no pre-training), random (a random real subset of the set's size with the "
@@ -417,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "ssl-random (the random subset trained with the teacher's SSL objective), "
                     "full (all the run's images with KD: costly on a CPU, 20 epochs over the "
                     "run), teacher (the teacher's own features: the ceiling). Default: all but "
-                    "full; only none when the set's teach run is not available (a shared set)")
-    ev.add_argument("--downstream", help="comma list of datasets (default: the source)")
+                    "full; only none when the set's teach run is not available (a shared set)"
+                    + _STATED)
+    ev.add_argument("--downstream",
+                    help="comma list of datasets (default: the source)" + _STATED)
     ev.add_argument("--data-root", help="folder holding the downstream datasets")
     ev.add_argument("--fractions", default="0.001,0.01,0.05,0.1",
                     help="label fractions, comma list (0.001 = 6 labels per class on "
@@ -439,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "add the full-data KD baseline, and report each set's worth: the full-data "
                     "KD steps that reach its accuracy (budget.png, results.md)")
     ev.add_argument("--uniform", action="store_true",
-                    help="draw labels uniformly as MKDT did (default: class-stratified)")
+                    help="draw labels uniformly as MKDT did (default: class-stratified)"
+                    + _STATED)
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ev.add_argument("--devices", type=int, default=1,
                     help="processes on this node; the (method, arch, seed) encoders are dealt "

@@ -99,7 +99,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """The student ConvNet (METHOD.md section 1); its head maps to the target dimension."""
+    """The student ConvNet (docs/method.md section 2); its head maps to the target dimension."""
 
     arch: str = "convnet"
     depth: int = 3
@@ -209,7 +209,7 @@ class SynthConfig:
     zca: bool = False  # require the run's ZCA whitening (set at teach time: data.zca)
     memory: str = "unrolled"  # unrolled (MTT: graph of all N steps) | constant (TESLA)
     # fp32 (MTT/MKDT) | bf16: the inner steps' forward under torch.autocast; the meta-gradient
-    # keeps fp32's direction but its elements differ by a few percent (README, Performance)
+    # keeps fp32's direction but its elements differ by a few percent (docs/performance.md)
     precision: str = "fp32"
     # expert segments per outer iteration, their meta-gradients averaged (MTT/MKDT: 1); with
     # --devices N each device takes its share

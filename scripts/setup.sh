@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with ddkd and its dependencies, and the
-# offline datasets of METHOD.md section 5. Sourced by demo.sh and test.sh; safe to re-run.
+# offline datasets of docs/method.md section 7. Sourced by demo.sh and test.sh; safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

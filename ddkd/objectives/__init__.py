@@ -1,4 +1,4 @@
-"""The KD objectives (METHOD.md section 4): ``mse`` (MKDT), ``kdep``, ``tcs``, ``ssld``, ``skd``.
+"""The KD objectives (docs/objectives.md): ``mse`` (MKDT), ``kdep``, ``tcs``, ``ssld``, ``skd``.
 
 Each is one small unit with the interface of :class:`ddkd.objectives.base.Objective`.
 """

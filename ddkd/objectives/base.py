@@ -1,4 +1,4 @@
-"""The interface every KD objective follows (METHOD.md section 4).
+"""The interface every KD objective follows (docs/method.md section 5, docs/objectives.md).
 
 An objective is three things: a fixed transform of teacher features, fitted once on the
 teacher's features of the training images (``fit``); the target space it maps them into

@@ -5,13 +5,13 @@ The teacher features are centred (mean ``mu``) and rotated onto their top-``d`` 
 directions ``V`` (SVD), then squashed by power temperature scaling,
 ``PTS(u) = sign(u) |u / T|^(1/n)`` with ``n = 3``, and regressed with ``w * MSE_mean``
 (``w = 3``). The paper's ``T = 0.1`` belongs to its teachers' feature scale; here ``T`` is
-recalibrated on the fitting data so that the targets have unit root-mean-square (O(1) spread,
-METHOD.md). The student side must be signed: its output is the last block's convolution,
-before its norm and ReLU, average-pooled non-parametrically to ``d`` (the student's ``prenorm``
-output, never a ReLU output). KDEP's ResNet students take the map after BatchNorm; after the
-ConvNet's instance norm that would be useless, since every channel's spatial mean is then the
-norm's bias whatever the input (one cell per channel: a constant student, which ddkd's first
-kdep experts were, fitting nothing).
+recalibrated on the fitting data so that the targets have unit root-mean-square (O(1) spread;
+docs/method.md section 5). The student side must be signed: its output is the last block's
+convolution, before its norm and ReLU, average-pooled non-parametrically to ``d`` (the
+student's ``prenorm`` output, never a ReLU output). KDEP's ResNet students take the map after
+BatchNorm; after the ConvNet's instance norm that would be useless, since every channel's
+spatial mean is then the norm's bias whatever the input (one cell per channel: a constant
+student, which ddkd's first kdep experts were, fitting nothing).
 """
 
 from __future__ import annotations

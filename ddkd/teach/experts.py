@@ -14,10 +14,10 @@ trajectories of training its members one by one, to float tolerance.
 
 The loss of a student is computed from its parameters by :class:`StudentLoss`, which can run
 under ``torch.compile`` (``experts.compile``): on 2 CPU cores a compiled step trains one student
-1.2-1.3x as fast as eager PyTorch (GroupNorm, ReLU and pooling fuse; see the README's
-benchmark), after 12-20 s of compilation per batch shape. Compiled and eager trajectories
-agree to float tolerance, not bitwise; two compiled runs agree bitwise (static shapes: one
-graph per batch size).
+1.2-1.3x as fast as eager PyTorch (GroupNorm, ReLU and pooling fuse; see docs/performance.md),
+after 12-20 s of compilation per batch shape. Compiled and eager trajectories agree to float
+tolerance, not bitwise; two compiled runs agree bitwise (static shapes: one graph per batch
+size).
 """
 
 from __future__ import annotations

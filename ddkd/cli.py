@@ -267,6 +267,10 @@ def cmd_import(args: argparse.Namespace) -> int:
                          data_root=args.data_root, iteration=args.iteration,
                          overwrite=args.overwrite, command=sys.argv)
     src = summary["sources"]
+    if len(src.get("iterations", [])) > 1:
+        print(f"ddkd import: the folder holds the sets of iterations "
+              f"{', '.join(src['iterations'])}; importing {src['iteration']} (--iteration "
+              "chooses)")
     print(f"ddkd import: {args.format} -> {summary['out']}\n"
           f"  images {summary['images']}, targets {summary['targets']} (objective "
           f"{summary['objective']}{', ZCA-whitened' if summary['zca'] else ''})\n"

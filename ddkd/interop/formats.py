@@ -105,8 +105,9 @@ def _other_layouts(fmt: str, names: list[str]) -> list[str]:
 
 
 def resolve_files(fmt: str, paths: list[Path], iteration: str | None
-                  ) -> tuple[dict[str, Path], str]:
-    """PATHs (folders holding the files, or the files themselves) -> ({role: file}, tag)."""
+                  ) -> tuple[dict[str, Path], str, list[str]]:
+    """PATHs (folders holding the files, or the files themselves) -> ({role: file}, the tag
+    chosen, every tag with a complete set)."""
     layout = LAYOUTS[fmt]
     found: dict[str, dict[str, Path]] = {}
     seen: list[str] = []
@@ -157,9 +158,6 @@ def resolve_files(fmt: str, paths: list[Path], iteration: str | None
     else:
         # the published codes' preferred set: MTT/DATM's best, otherwise the last iteration
         tag = "best" if "best" in complete else complete[-1]
-        if len(complete) > 1:
-            log.info("%s: importing the set of iteration %s (of %s); choose another with "
-                     "--iteration", where, tag, ", ".join(complete))
     if "lr" not in found[tag] and fmt != "krr-st":
         # MKDT and MTT both save images_{it}.pt / labels_{it}.pt: the step size's name tells
         # the two layouts apart
@@ -169,7 +167,7 @@ def resolve_files(fmt: str, paths: list[Path], iteration: str | None
             raise FileFormatError(f"{where}: {theirs[0]} beside images_{tag}.pt is the step size "
                                   f"of the {theirs[1]} layout, not {fmt}'s: use `ddkd import "
                                   f"{theirs[1]}`")
-    return found[tag], tag
+    return found[tag], tag, complete
 
 
 def _tag_order(tag: str) -> tuple[int, int]:
@@ -230,7 +228,6 @@ def read_lr(fmt: str, files: dict[str, Path], lr: float | None, tag: str
                                   f"{tuple(raw.shape)}; the learned step size is one number")
         value = float(raw.reshape(()))
         if lr is not None:
-            log.info("--lr %g replaces the step size %g of %s", lr, value, files["lr"].name)
             return lr, f"--lr (replacing {files['lr'].name}: {value!r})"
         if not (value > 0 and math.isfinite(value)):
             raise FileFormatError(f"{files['lr'].name} holds the step size {value}; it must be "
@@ -285,7 +282,7 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         save_synthset(out, synth)
         return _summary(out, synth, {"lr": "the export", "normalization": "the export"})
 
-    files, tag = resolve_files(fmt, paths, iteration)
+    files, tag, tags = resolve_files(fmt, paths, iteration)
     images = load_tensor(files["images"], f"the images of a {fmt} set")
     if images.ndim != 4 or not images.is_floating_point():
         raise FileFormatError(f"{files['images'].name} holds a {images.ndim}-d "
@@ -341,7 +338,8 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
     )
     save_synthset(out, synth)
     return _summary(out, synth, {"lr": lr_source, "normalization": norm_source,
-                                 "targets": targets.kind})
+                                 "targets": targets.kind, "iteration": tag,
+                                 "iterations": tags})
 
 
 def _read_export(fmt: str, paths: list[Path], dataset, normalization, lr, zca, iteration):

@@ -29,7 +29,6 @@ and ``--normalization M/S`` names the buffer's.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from dataclasses import asdict
@@ -46,8 +45,6 @@ from ddkd.io.run import RunDir, load_objective_state, load_targets
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.runtime import sha256_file
-
-log = logging.getLogger(__name__)
 
 SOURCES = ("mkdt", "mtt")
 
@@ -229,9 +226,7 @@ def import_replay_buffers(paths: list[str | Path], run_dir: str | Path, source: 
 def _check_normalization(spec: str | None, source: str, config: dict, meta: dict,
                          sc: ConvNetConfig, run: RunDir) -> None:
     """The buffer's experts must have seen images normalised as the run normalises them."""
-    if spec == "run":
-        log.info("--normalization run: taking the buffers' experts to have seen images "
-                 "normalised as %s does", run.root)
+    if spec == "run":  # the user vouches for it (a buffer made in the run's normalisation)
         return
     dataset = config["data"]["dataset"]
     code = source

@@ -72,9 +72,10 @@ KRR_ST_PRE_LR = 0.1
 
 
 def student_depth(image_size: int) -> int:
-    """The depth of the published codes' ConvNet at this resolution: ConvNet (depth 3) at 32
-    pixels, ConvNetD4 for Tiny ImageNet (64), ConvNetD5 for the 128-pixel ImageNet subsets
-    (MTT's and MKDT's scripts)."""
+    """The depth of the published codes' ConvNet at this resolution: ``ConvNet`` (depth 3,
+    the default ``--model`` of MTT's and MKDT's scripts) at 32 pixels, depth 4 for 64-pixel
+    Tiny ImageNet (the MTT paper), ``ConvNetD5`` for the 128-pixel ImageNet subsets (MTT's
+    readme)."""
     return {64: 4, 128: 5}.get(image_size, 3)
 
 

@@ -277,6 +277,9 @@ def cmd_import(args: argparse.Namespace) -> int:
           f"  step size {summary['lr']:.6g} from {src['lr']}\n"
           f"  normalisation mean {summary['mean']}, std {summary['std']} from "
           f"{src['normalization']}")
+    if args.dataset is None and args.format not in ("npz", "safetensors"):
+        print("  no --dataset: the set names no source dataset, so `ddkd evaluate` needs "
+              "--downstream NAME for it")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The ``ddkd`` command line: ``teach``, ``synthesize``, ``evaluate``, ``inspect``.
+"""The ``ddkd`` command line: ``teach``, ``synthesize``, ``evaluate``, ``inspect``, ``import``,
+``export``.
 
 Configuration is resolved as: stage defaults (the published MKDT values) <- recipe (``--recipe``
 FILE or the name of a shipped recipe; ``ddkd teach`` with none uses ``fashion-mnist``, the CPU
@@ -251,6 +252,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.format == "replay-buffer":
+        from ddkd.interop.replay_buffer import import_replay_buffers
+
+        unused = [flag for flag, value in (("--out", args.out), ("--dataset", args.dataset),
+                                           ("--lr", args.lr), ("--iteration", args.iteration),
+                                           ("--zca", args.zca or None)) if value is not None]
+        if args.run is None or unused:
+            raise ConfigError("import replay-buffer writes the experts of a teach run: give "
+                              "--run RUN_DIR" + (f", not {', '.join(unused)}" if unused else ""))
+        summary = import_replay_buffers(args.paths, args.run, source=args.source or "mkdt",
+                                        normalization=args.normalization,
+                                        expert_lr=args.expert_lr, data_root=args.data_root,
+                                        overwrite=args.overwrite)
+        print(f"ddkd import: {summary['experts']} experts x {summary['epochs']} epochs "
+              f"({summary['n_params']} parameters, {summary['student']}) -> "
+              f"{summary['experts_file']}\n  experts' learning rate {summary['lr']:g} (the "
+              "initial step size of `ddkd synthesize`)")
+        return 0
+    from ddkd.interop.formats import import_set
+
+    unused = [flag for flag, value in (("--run", args.run), ("--source", args.source),
+                                       ("--expert-lr", args.expert_lr)) if value is not None]
+    if args.out is None or unused:
+        raise ConfigError(f"import {args.format} writes a synthetic set: give --out SET.h5"
+                          + (f", not {', '.join(unused)} (replay-buffer's)" if unused else ""))
+    summary = import_set(args.format, args.paths, args.out, dataset=args.dataset,
+                         normalization=args.normalization, lr=args.lr, zca=args.zca,
+                         data_root=args.data_root, iteration=args.iteration,
+                         overwrite=args.overwrite, command=sys.argv)
+    src = summary["sources"]
+    if len(src.get("iterations", [])) > 1:
+        print(f"ddkd import: the folder holds the sets of iterations "
+              f"{', '.join(src['iterations'])}; importing {src['iteration']} (--iteration "
+              "chooses)")
+    print(f"ddkd import: {args.format} -> {summary['out']}\n"
+          f"  images {summary['images']}, targets {summary['targets']} (objective "
+          f"{summary['objective']}{', ZCA-whitened' if summary['zca'] else ''})\n"
+          f"  step size {summary['lr']:.6g} from {src['lr']}\n"
+          f"  normalisation mean {summary['mean']}, std {summary['std']} from "
+          f"{src['normalization']}")
+    if args.dataset is None and args.format not in ("npz", "safetensors"):
+        print("  no --dataset: the set names no source dataset, so `ddkd evaluate` needs "
+              "--downstream NAME for it")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ddkd.interop.export import export_set
+
+    summary = export_set(args.set, args.format, args.out, layout=args.layout,
+                         overwrite=args.overwrite)
+    kind = "lossless" if summary["lossless"] else "lossy: pixels clipped and quantised"
+    print(f"ddkd export: {args.set} -> {summary['out']} ({args.format}, {kind})\n  "
+          + "\n  ".join(summary["files"][:4]) + ("\n  ..." if len(summary["files"]) > 4 else ""))
+    return 0
+
+
 def _print_teach_summary(summary: dict) -> None:
     knn = summary["teacher_knn"]
     loss, fit = summary["expert_final_loss_mean"], summary.get("expert_fit")
@@ -459,6 +518,68 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="output folder")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
+
+    imp = sub.add_parser(
+        "import",
+        help="read a set (or expert buffers) written by the MKDT, KRR-ST, MTT or DATM code",
+        description=(
+            "FORMAT mkdt (images_{it}.pt, labels_{it}.pt, synlr_{it}.pt), krr-st (x_syn.pt, "
+            "y_syn.pt), mtt or datm (images_best.pt, labels_best.pt, lr_best.pt), npz or "
+            "safetensors (a ddkd export): PATHs are the files or the folder holding them; "
+            "writes the ddkd set --out. FORMAT replay-buffer (replay_buffer_{n}.pt of MTT or "
+            "MKDT's buffer.py): writes the experts of the teach run --run (make it with `ddkd "
+            "teach --experts 0`), then `ddkd synthesize --run` matches them. Files are opened "
+            "with torch.load(weights_only=True) only. See docs/interop.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    imp.add_argument("format", help="mkdt, krr-st, mtt, datm, npz, safetensors or replay-buffer")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="the files, or their folder")
+    imp.add_argument("--out", help="the ddkd synthetic set to write (.h5)")
+    imp.add_argument("--dataset", help="the ddkd name of the set's source dataset (cifar10, "
+                     "cifar100, tiny-imagenet, ...): its published normalisation, and the "
+                     "default downstream task of `ddkd evaluate`")
+    imp.add_argument("--data-root", help="folder holding the dataset (for --zca, and for "
+                     "replay-buffer: the run's images)")
+    imp.add_argument("--normalization", help="the space of the images: 'published' (default: "
+                     "the code's per-dataset mean/std for --dataset), 'none' (pixels in [0, 1]) "
+                     "or MEAN1,MEAN2,.../STD1,STD2,...; replay-buffer: also 'run' (take the "
+                     "run's on trust)")
+    imp.add_argument("--lr", type=float, help="the set's step size, when its files lack it "
+                     "(MTT never saves it) or to replace theirs; krr-st default: 0.1, KRR-ST's "
+                     "--pre_lr")
+    imp.add_argument("--iteration", help="which saved set of the folder: an iteration it, "
+                     "'best', 'final' (default: best, else the last iteration)")
+    imp.add_argument("--zca", action="store_true", help="the set was distilled with the "
+                     "code's --zca: refit its whitening (kornia, eps 0.1, [0, 1] pixels) on "
+                     "--dataset's training split and store it with the set")
+    imp.add_argument("--source", help="replay-buffer: the code that wrote it, mkdt (default) or "
+                     "mtt: its normalisation and experts' learning rate")
+    imp.add_argument("--run", help="replay-buffer: the teach run whose experts.h5 to write")
+    imp.add_argument("--expert-lr", type=float, help="replay-buffer: the experts' learning rate "
+                     "(default: the code's buffer.py default, mkdt 0.1, mtt 0.01)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    imp.set_defaults(func=cmd_import)
+
+    exp = sub.add_parser(
+        "export",
+        help="write a synthetic set as npz, safetensors, PNGs or the published .pt trio",
+        description=(
+            "npz and safetensors: every array, lossless, plus OUT.json (the metadata). "
+            "png-folder: OUT/images/*.png (pixels clipped to [0, 1] and quantised to 8 bits), "
+            "OUT/targets.npy, OUT/metadata.json. pt: the .pt files the published evaluators "
+            "(and DD-Ranking) read: --layout mkdt (images_{it}, labels_{it}, synlr_{it}; "
+            "default for representations), mtt (images_best, labels_best, lr_best; default for "
+            "labels) or krr-st (x_syn, y_syn). See docs/interop.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exp.add_argument("set", help="a ddkd synthetic set (.h5)")
+    exp.add_argument("--format", required=True, help="npz, safetensors, png-folder or pt")
+    exp.add_argument("--out", required=True, help="the file (npz, safetensors) or folder")
+    exp.add_argument("--layout", help="pt: mkdt, mtt or krr-st (default: by the set's targets)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    exp.set_defaults(func=cmd_export)
 
     insp = sub.add_parser("inspect", help="print a synthetic set's metadata, write a PNG grid")
     insp.add_argument("file", help="a ddkd synthetic set (.h5)")

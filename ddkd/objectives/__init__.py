@@ -8,6 +8,7 @@ from __future__ import annotations
 from ddkd.errors import ConfigError
 from ddkd.objectives.base import Objective
 from ddkd.objectives.kdep import KDEPObjective
+from ddkd.objectives.labels import LabelsObjective, SoftLabelsObjective
 from ddkd.objectives.mse import MSEObjective
 from ddkd.objectives.skd import SKDObjective
 from ddkd.objectives.ssld import SSLDObjective
@@ -21,6 +22,13 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "skd": SKDObjective,
 }
 
+#: objectives a synthetic set may carry but experts cannot be trained with: the labels of the
+#: supervised sets ``ddkd import`` reads (MTT, DATM, KRR-ST's baselines); see objectives/labels.py
+LABEL_OBJECTIVES: dict[str, type[Objective]] = {
+    "labels": LabelsObjective,
+    "soft-labels": SoftLabelsObjective,
+}
+
 
 def build_objective(name: str, teacher_dim: int, **options) -> Objective:
     """An unfitted objective by name (published defaults unless ``options`` say otherwise)."""
@@ -32,13 +40,14 @@ def build_objective(name: str, teacher_dim: int, **options) -> Objective:
 def restore_objective(name: str, state: dict, target_dim: int) -> Objective:
     """A fitted objective from its saved state (a run's targets file or a synthetic set);
     ``target_dim``: the width of the targets it is used with."""
-    if name not in OBJECTIVES:
-        raise ConfigError(f"objective {name!r} is unknown; valid: {', '.join(OBJECTIVES)}")
+    known = {**OBJECTIVES, **LABEL_OBJECTIVES}
+    if name not in known:
+        raise ConfigError(f"objective {name!r} is unknown; valid: {', '.join(known)}")
     try:
-        teacher_dim = OBJECTIVES[name].teacher_dim_from_state(state, target_dim)
+        teacher_dim = known[name].teacher_dim_from_state(state, target_dim)
     except KeyError as err:
         raise ConfigError(f"the saved state of objective {name!r} is incomplete: {err}") from err
-    objective = build_objective(name, teacher_dim)
+    objective = known[name](teacher_dim)
     try:
         objective.load_state_dict(state)
     except KeyError as err:
@@ -53,4 +62,5 @@ def student_output(objective: Objective, width: int) -> str:
     return "prenorm" if objective.name == "kdep" else "linear"
 
 
-__all__ = ["OBJECTIVES", "Objective", "build_objective", "restore_objective", "student_output"]
+__all__ = ["LABEL_OBJECTIVES", "OBJECTIVES", "Objective", "build_objective", "restore_objective",
+           "student_output"]

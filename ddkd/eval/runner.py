@@ -285,6 +285,9 @@ def run_evaluate(
     if downstream is None:
         source = loaded[0][1].provenance.get("source_dataset") if loaded else \
             open_run(run_dir).teach_config["data"]["dataset"]
+        if not isinstance(source, str) or not source:
+            raise ConfigError(f"{loaded[0][0]} does not name the dataset it was distilled from "
+                              "(provenance.source_dataset): give --downstream NAME")
         downstream = [source]
     tasks = {name: _downstream(name, data_root, shape) for name in downstream}
     # The labelled subsets (refusing impossible fractions before any training). Only the

@@ -544,20 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--normalization", help="the space of the images: 'published' (default: "
                      "the code's per-dataset mean/std for --dataset), 'none' (pixels in [0, 1]) "
                      "or MEAN1,MEAN2,.../STD1,STD2,...; replay-buffer: also 'run' (take the "
-                     "run's on trust)")
+                     "run's on trust)" + _STATED)
     imp.add_argument("--lr", type=float, help="the set's step size, when its files lack it "
                      "(MTT never saves it) or to replace theirs; krr-st default: 0.1, KRR-ST's "
-                     "--pre_lr")
+                     "--pre_lr" + _STATED)
     imp.add_argument("--iteration", help="which saved set of the folder: an iteration it, "
-                     "'best', 'final' (default: best, else the last iteration)")
+                     "'best', 'final' (default: best, else the last iteration)" + _STATED)
     imp.add_argument("--zca", action="store_true", help="the set was distilled with the "
                      "code's --zca: refit its whitening (kornia, eps 0.1, [0, 1] pixels) on "
                      "--dataset's training split and store it with the set")
     imp.add_argument("--source", help="replay-buffer: the code that wrote it, mkdt (default) or "
-                     "mtt: its normalisation and experts' learning rate")
+                     "mtt: its normalisation and experts' learning rate" + _STATED)
     imp.add_argument("--run", help="replay-buffer: the teach run whose experts.h5 to write")
     imp.add_argument("--expert-lr", type=float, help="replay-buffer: the experts' learning rate "
-                     "(default: the code's buffer.py default, mkdt 0.1, mtt 0.01)")
+                     "(default: the code's buffer.py default, mkdt 0.1, mtt 0.01)" + _STATED)
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     imp.set_defaults(func=cmd_import)
 
@@ -577,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("set", help="a ddkd synthetic set (.h5)")
     exp.add_argument("--format", required=True, help="npz, safetensors, png-folder or pt")
     exp.add_argument("--out", required=True, help="the file (npz, safetensors) or folder")
-    exp.add_argument("--layout", help="pt: mkdt, mtt or krr-st (default: by the set's targets)")
+    exp.add_argument("--layout", help="pt: mkdt, mtt or krr-st (default: by the set's targets)"
+                     + _STATED)
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     exp.set_defaults(func=cmd_export)
 

@@ -245,3 +245,20 @@ def test_shipped_teacher_sets_evaluate_their_baselines_without_the_run(tmp_path,
 
     assert accuracies(without) == accuracies(with_run)
     assert len(accuracies(without)) == 4  # the set and three baselines
+
+
+def test_a_set_that_names_no_dataset_asks_for_downstream(tmp_path, capsys):
+    import torch
+
+    from ddkd.io.synthset import SynthSet, save_synthset
+
+    path = tmp_path / "anon.h5"  # e.g. imported from another method's files without --dataset
+    save_synthset(path, SynthSet(
+        images=torch.zeros(4, 1, 8, 8), targets=torch.zeros(4, 3), lr=0.1,
+        mean=torch.tensor([0.5], dtype=torch.float64),
+        std=torch.tensor([0.5], dtype=torch.float64), objective="mse", provenance={},
+        config={}, init_indices=torch.arange(4)))
+    assert main(["evaluate", str(path), "--baselines", "", "--out", str(tmp_path / "e"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--downstream" in err and str(path) in err and len(err.splitlines()) == 1

@@ -218,7 +218,7 @@ def test_nan_and_exploding_step_size_stop_with_the_checkpoint_kept(tiny_run, tmp
     _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "big.h5"),
                     *SYN, "--lr-lr", "1e6"], "the step size collapsed to")
     _fails(capsys, ["synthesize", "--run", str(tiny_run), "--out", str(tmp_path / "big.h5"),
-                    *SYN, "--lr-lr=-1e6"], "lr_lr must be >= 0")
+                    *SYN, "--lr-lr=-1e6"], "--lr-lr must be >= 0")
 
 
 def test_zca_run_and_set(tiny_run, tmp_path, capsys):

@@ -7,7 +7,6 @@ uninterrupted run would (the checkpoint holds images, targets, step size and opt
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -22,9 +21,16 @@ from tqdm import tqdm
 from ddkd.config import SynthConfig, to_dict
 from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
-from ddkd.io.atomic import append_jsonl, atomic_path, read_jsonl, write_json
+from ddkd.io.atomic import (
+    append_jsonl,
+    check_writable,
+    read_jsonl,
+    remove_stale_temps,
+    save_torch,
+    write_json,
+)
 from ddkd.io.experts import ExpertsFile
-from ddkd.io.run import open_run
+from ddkd.io.run import config_diff, open_run, read_json_object
 from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
@@ -173,6 +179,8 @@ def run_synthesize(
     if config.segments % dist.world:
         raise ConfigError(f"--segments {config.segments} cannot be shared by {dist.world} "
                           f"processes: give a multiple of {dist.world}")
+    if out is not None:
+        check_writable(out, "--out")  # before any work (a default --out: once it is known)
     opened = open_run(run_dir)
     experts = ExpertsFile(opened.run.experts)
     try:
@@ -194,10 +202,12 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             f"recorded trajectories ({header.epochs} epochs in {opened.run.experts}); lower "
             "them or record longer experts"
         )
+    experts.check_finite(last_needed)  # a damaged file is named now, not as a divergence
     num_train = opened.images.shape[0]
     n = config.num_images(opened.num_classes, num_train)
     dataset = opened.teach_config["data"]["dataset"]
     out = Path(out) if out is not None else default_out(dataset, config, n)
+    check_writable(out, "--out")
     if config.zca and opened.zca is None:
         raise ConfigError(f"--zca: the experts of {opened.run.root} were trained without ZCA "
                           "whitening; make a whitened run with `ddkd teach --set data.zca=true`")
@@ -217,13 +227,16 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     if resume:
         if not (partial / "config.json").is_file():
             raise ConfigError(f"--resume: there is no unfinished run for {out} (no {partial})")
-        saved = json.loads((partial / "config.json").read_text())
+        saved = read_json_object(partial / "config.json", "--resume")
         # a run begun by an older ddkd lacks the settings added since: they had their defaults
-        saved["synthesize"] = {**to_dict(SynthConfig()), **saved.get("synthesize", {})}
+        previous = saved.get("synthesize")
+        saved["synthesize"] = {**to_dict(SynthConfig()),
+                               **(previous if isinstance(previous, dict) else {})}
         if saved != record:
+            diffs = [d.removeprefix("synthesize.") for d in config_diff(saved, record)]
             raise ConfigError(f"--resume: the configuration differs from the unfinished run in "
-                              f"{partial}; resume with the same options, or drop --resume and "
-                              "pass --overwrite to start again")
+                              f"{partial} ({'; '.join(diffs[:5])}); resume with the same "
+                              "options, or drop --resume and pass --overwrite to start again")
     elif partial.exists() and not overwrite:
         raise ConfigError(f"an unfinished run for {out} exists ({partial}); pass --resume "
                           "to continue it or --overwrite to start again")
@@ -231,6 +244,11 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     if dist.is_main:
         if not resume and partial.exists():
             shutil.rmtree(partial)
+        # Leftovers of killed writes of this output (the set itself, the checkpoint): this run
+        # is now their only writer.
+        stale = remove_stale_temps(out.parent, out.name) + remove_stale_temps(partial)
+        if stale:
+            log.info("removed %d temporary files of interrupted writes of %s", len(stale), out)
         partial.mkdir(parents=True, exist_ok=True)
         write_json(partial / "config.json", record)
 
@@ -272,11 +290,14 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
                disable=not (progress and dist.is_main and sys.stderr.isatty()),
                dynamic_ncols=True, leave=False)
 
+    saved_at = start  # the iteration the checkpoint on disk holds
+
     def save_checkpoint(state_dict: dict, iteration: int) -> None:
+        nonlocal saved_at
+        saved_at = iteration
         if not dist.is_main:
             return
-        with atomic_path(ckpt) as tmp:
-            torch.save({"state": state_dict, "iteration": iteration}, tmp)
+        save_torch(ckpt, {"state": state_dict, "iteration": iteration})
 
     last_ckpt = time.time()
     compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
@@ -328,6 +349,9 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             save_checkpoint(state.state_dict(), it + 1)
             last_ckpt = time.time()
     bar.close()
+    if saved_at != config.iterations:
+        # The finished state, so that a failed final write (a full disk) resumes straight to it.
+        save_checkpoint(state.state_dict(), config.iterations)
 
     final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
                                       float(state.alpha), device, objective.loss)

@@ -233,6 +233,13 @@ class SynthConfig:
     # --devices N each device takes its share
     segments: int = 1
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
+    # Trust region of the step size: one outer iteration changes log(alpha) by at most this
+    # (0.1: alpha by at most ~10%), however large its meta-gradient. A single spike (e.g. MKDT's
+    # N = 40 on a tiny run) then slows alpha down instead of collapsing it past the band above;
+    # a sustained drift still leaves the band (>= 47 bounded steps for f = 100) and is stopped.
+    # The embedded default's updates are ~3e-4 (median) and 3.5e-3 at most: never bounded.
+    # inf: SGD's update unbounded (as MTT/MKDT).
+    max_log_lr_step: float = 0.1
     checkpoint_minutes: float = 5.0
     seed: int = 0
 
@@ -255,6 +262,9 @@ class SynthConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", key=name)
         if self.max_lr_factor <= 1:
             raise ConfigError(f"max_lr_factor must be > 1, got {self.max_lr_factor}")
+        if not self.max_log_lr_step > 0:  # inf allowed (no bound); NaN refused
+            raise ConfigError(f"max_log_lr_step must be > 0 (inf: no bound), got "
+                              f"{self.max_log_lr_step}")
         if self.lr_init is not None and self.lr_init <= 0:
             raise ConfigError(f"lr_init must be > 0, got {self.lr_init}")
         _one_of("init", self.init, ("high-loss", "random"))

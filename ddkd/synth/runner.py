@@ -109,6 +109,11 @@ class _State:
     The step size is stored as log(alpha) so that it stays positive. Its optimiser's learning
     rate is ``lr_lr / alpha_0^2``: at initialisation a step on log(alpha) then moves alpha by
     the same amount as MKDT's step on alpha itself (d alpha = alpha d log alpha).
+
+    Trust region (``config.max_log_lr_step`` = b): an iteration's change of log(alpha) is
+    clipped to [-b, b], and so is the velocity SGD's momentum keeps (``lr * buffer``), so that
+    one spike of the meta-gradient moves alpha by at most a factor e^b now and less after it.
+    Within the bound nothing is touched: the update is SGD's, bit for bit.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, alpha0: float, config: SynthConfig):
@@ -120,16 +125,34 @@ class _State:
         self.opt_y = torch.optim.SGD([self.y], lr=config.lr_targets, momentum=m)
         self.opt_alpha = torch.optim.SGD([self.log_alpha], lr=config.lr_lr / alpha0**2,
                                          momentum=m)
+        self.max_log_step = config.max_log_lr_step
+        self.log_step = 0.0  # the last iteration's change of log(alpha), as SGD asked for it
 
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.detach().exp()
 
-    def step(self, grad_x: torch.Tensor, grad_y: torch.Tensor, grad_alpha: torch.Tensor) -> None:
+    def step(self, grad_x: torch.Tensor, grad_y: torch.Tensor, grad_alpha: torch.Tensor) -> bool:
+        """One outer update; -> whether the trust region bounded the step size's change."""
         self.x.grad, self.y.grad = grad_x, grad_y
         self.log_alpha.grad = grad_alpha * self.alpha  # chain rule through alpha = exp(.)
+        before = self.log_alpha.detach().clone()
         for opt in (self.opt_x, self.opt_y, self.opt_alpha):
             opt.step()
+        return self._bound_log_alpha(before)
+
+    def _bound_log_alpha(self, before: torch.Tensor) -> bool:
+        self.log_step = float(self.log_alpha.detach() - before)
+        bound = self.max_log_step
+        if not abs(self.log_step) > bound:  # (a NaN step is the guard's business)
+            return False
+        with torch.no_grad():
+            self.log_alpha.copy_(before + math.copysign(bound, self.log_step))
+            lr = self.opt_alpha.param_groups[0]["lr"]
+            buffer = self.opt_alpha.state[self.log_alpha].get("momentum_buffer")
+            if buffer is not None and lr > 0:
+                buffer.clamp_(-bound / lr, bound / lr)
+        return True
 
     def state_dict(self) -> dict:
         return {"x": self.x.detach(), "y": self.y.detach(), "log_alpha": self.log_alpha.detach(),
@@ -299,6 +322,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             return
         save_torch(ckpt, {"state": state_dict, "iteration": iteration})
 
+    clipped, largest_log_step = 0, 0.0
     last_ckpt = time.time()
     compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
     for it in range(start, config.iterations):
@@ -320,11 +344,18 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         finite = math.isfinite(loss) and all(
             bool(torch.isfinite(g).all()) for g in (grad_x, grad_y, grad_alpha))
         before = _clone(state.state_dict())
-        problem = None
+        problem, bounded = None, False
         if not finite:
             problem = f"the matching loss or its gradient became non-finite (loss {loss})"
         else:
-            state.step(grad_x, grad_y, grad_alpha.reshape(()))
+            bounded = state.step(grad_x, grad_y, grad_alpha.reshape(()))
+            largest_log_step = max(largest_log_step, abs(state.log_step))
+            if bounded:
+                clipped += 1
+                if clipped == 1:
+                    log.warning("iteration %d: the meta-gradient asked to change log(step size) "
+                                "by %.3g; bounded to %g (max_log_lr_step)", it + 1,
+                                state.log_step, config.max_log_lr_step)
             alpha = float(state.alpha)
             if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
                 what = "exploded" if not alpha < alpha0 else "collapsed"
@@ -342,13 +373,18 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             append_jsonl(partial / "metrics.jsonl", {
                 "iteration": it + 1, "loss": loss, "lr": alpha,
                 "expert": segments[0][0], "start_epoch": segments[0][1],
-                **({"segments": segments} if len(segments) > 1 else {})})
+                **({"segments": segments} if len(segments) > 1 else {}),
+                **({"lr_bounded": True} if bounded else {})})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{alpha:.4g}")
         if time.time() - last_ckpt >= 60 * config.checkpoint_minutes:
             save_checkpoint(state.state_dict(), it + 1)
             last_ckpt = time.time()
     bar.close()
+    if start < config.iterations:
+        log.info("step size: largest change of log(alpha) in one iteration %.3g (bound %g), "
+                 "bounded in %d of %d iterations", largest_log_step, config.max_log_lr_step,
+                 clipped, config.iterations - start)
     if saved_at != config.iterations:
         # The finished state, so that a failed final write (a full disk) resumes straight to it.
         save_checkpoint(state.state_dict(), config.iterations)

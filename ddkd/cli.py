@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
-from ddkd.errors import ConfigError, DDKDError
+from ddkd.errors import ConfigError, DDKDError, DiskFullError
+from ddkd.io.atomic import disk_full_error, is_disk_full
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEFAULT_TEACH_RECIPE = "fashion-mnist"
@@ -82,7 +84,15 @@ def _teach_flags(args: argparse.Namespace) -> dict:
 
 
 def cmd_teach(args: argparse.Namespace) -> int:
-    from ddkd.config import TeachConfig, build_config, merge, parse_overrides, to_json
+    from ddkd.config import (
+        FLAGS,
+        TeachConfig,
+        build_config,
+        flag_keys,
+        merge,
+        parse_overrides,
+        to_json,
+    )
     from ddkd.distributed import join
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.teach.runner import run_teach
@@ -95,7 +105,8 @@ def cmd_teach(args: argparse.Namespace) -> int:
         # (unless --set data.subset or --subset says otherwise).
         recipe_data.pop("subset", None)
     values = merge(values, parse_overrides(args.set or []))
-    config = build_config(TeachConfig, merge(values, _teach_flags(args)))
+    flags = _teach_flags(args)
+    config = build_config(TeachConfig, merge(values, flags), flags=flag_keys(flags, FLAGS))
     dist, device = join(args.devices, args.num_nodes, resolve_device(args.device),
                         args.strategy)
     seed_everything(config.seed)
@@ -112,7 +123,14 @@ def cmd_teach(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from ddkd.config import SynthConfig, build_config, merge, parse_overrides
+    from ddkd.config import (
+        SYNTH_FLAGS,
+        SynthConfig,
+        build_config,
+        flag_keys,
+        merge,
+        parse_overrides,
+    )
     from ddkd.distributed import join
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.synth.runner import run_synthesize
@@ -134,7 +152,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     world = args.devices * args.num_nodes
     if world > 1 and "segments" not in flags and "segments" not in overrides:
         flags["segments"] = world  # one segment per process and iteration
-    config = build_config(SynthConfig, merge(merge(values, overrides), flags))
+    config = build_config(SynthConfig, merge(merge(values, overrides), flags),
+                          flags=flag_keys(flags, SYNTH_FLAGS))
     logging.getLogger(__name__).info(
         "synthesize settings from %s", recipe if recipe else "MKDT's defaults (no recipe)")
     dist, device = join(args.devices, args.num_nodes, resolve_device(args.device))
@@ -157,9 +176,17 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ddkd.io.synthset import load_synthset
+    from ddkd.io.atomic import check_writable
+    from ddkd.io.synthset import load_synthset, non_finite_members
 
-    synth = load_synthset(args.file)
+    png = Path(args.png) if args.png else Path(args.file).with_suffix(".png")
+    check_writable(png, "--png")  # before reading the set
+    # A set with NaN or inf is read anyway: inspecting it is how one finds out what is wrong.
+    synth = load_synthset(args.file, finite=False)
+    for problem in non_finite_members(synth):
+        logging.getLogger(__name__).warning(
+            "warning: %s: %s; this set cannot be pre-trained on (ddkd evaluate refuses it)",
+            args.file, problem)
     prov = synth.provenance
     lines = [
         f"{args.file}: ddkd synthetic set",
@@ -182,12 +209,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         w = max(1, len(loss) // 10)
         lines.append(f"  iterations  loss {loss[:w].mean():.4f} (first {w}) -> "
                      f"{loss[-w:].mean():.4f} (last {w})")
-    png = Path(args.png) if args.png else Path(args.file).with_suffix(".png")
+    import io
+
     from torchvision.utils import save_image
 
+    from ddkd.io.atomic import write_bytes
+
     nrow = max(1, round(len(synth) ** 0.5)) if args.nrow is None else args.nrow
-    png.parent.mkdir(parents=True, exist_ok=True)
-    save_image(synth.pixels(), png, nrow=nrow, padding=1)
+    buffer = io.BytesIO()  # in memory, then one atomic write (a full disk: one clear line)
+    save_image(synth.pixels().nan_to_num(0.0), buffer, nrow=nrow, padding=1, format="png")
+    write_bytes(png, buffer.getvalue())
     lines.append(f"  grid        {png}")
     print("\n".join(lines))
     return 0
@@ -209,10 +240,12 @@ def _run_recipe(run: str) -> Path | None:
 
     env = Path(run) / "environment.json"
     try:
-        recipe = json.loads(env.read_text()).get("recipe")
+        record = json.loads(env.read_text())
     except (OSError, ValueError):
         return None  # a missing or damaged run is reported by synthesize itself
-    if recipe and Path(recipe).is_file() and stage_values(Path(recipe), "synthesize"):
+    recipe = record.get("recipe") if isinstance(record, dict) else None
+    if (isinstance(recipe, str) and recipe and Path(recipe).is_file()
+            and stage_values(Path(recipe), "synthesize")):
         return Path(recipe)
     return None
 
@@ -590,6 +623,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CONTINUE = {
+    "teach": "nothing finished is lost: free space and rerun the same command with --resume",
+    "synthesize": "nothing finished is lost: free space and rerun the same command with "
+                  "--resume",
+    "inspect": "free space and rerun",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _error(command: str, message: str) -> None:
+    """The one line a failure prints: the message with line breaks and terminal escapes (which
+    wrapped library messages may carry) flattened."""
+    text = " ".join(_ANSI.sub("", message).split())
+    print(f"ddkd {command}: error: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -603,8 +652,23 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()  # faster CPU training, same results; see its docstring
     try:
         return args.func(args)
+    except DiskFullError as err:
+        _error(args.command, f"{err}; {_CONTINUE.get(args.command, 'free space and rerun')}")
+        return 2
     except DDKDError as err:
-        print(f"ddkd {args.command}: error: {err}", file=sys.stderr)
+        _error(args.command, str(err))
+        return 2
+    except OSError as err:
+        # The environment refused something (permissions, a vanished file, a full disk outside
+        # ddkd's writers): one line, as for a user error; -v shows where.
+        if args.verbose:
+            raise
+        if is_disk_full(err):
+            where = Path(err.filename) if err.filename else Path(".")
+            _error(args.command, f"{disk_full_error(where, err)}; "
+                   f"{_CONTINUE.get(args.command, 'free space and rerun')}")
+        else:
+            _error(args.command, f"{err} (run with -v for where it happened)")
         return 2
     except KeyboardInterrupt:
         print(f"ddkd {args.command}: interrupted; continue with --resume", file=sys.stderr)

@@ -22,16 +22,32 @@ from ddkd.errors import ConfigError
 PRECISIONS = ("fp32", "bf16")  # the students' arithmetic: see ddkd.runtime.autocast_dtype
 
 
+# The named command-line flag of each setting that has one. Messages about a setting name its
+# key (what a recipe, --set or a run's config.json holds); when the value came from the flag,
+# build_config names the flag instead (see ``flag_keys``).
+FLAGS = {
+    "data.dataset": "--dataset", "data.subset": "--subset", "data.data_root": "--data-root",
+    "teacher.ssl": "--ssl", "teacher.epochs": "--teacher-epochs",
+    "experts.num_experts": "--experts", "experts.epochs": "--expert-epochs",
+    "experts.objective": "--objective", "experts.per_batch": "--experts-per-batch",
+    "seed": "--seed",
+}
+SYNTH_FLAGS = {name: f"--{name.replace('_', '-')}" for name in (
+    "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
+    "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "precision",
+    "seed", "segments", "zca")}
+
+
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{name} {value!r} is unknown; valid: {', '.join(valid)}")
+        raise ConfigError(f"{name} {value!r} is unknown; valid: {', '.join(valid)}", key=name)
 
 
 def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+        raise ConfigError(f"{name} must be > 0, got {value}", key=name)
 
 
 @dataclass(frozen=True)
@@ -49,10 +65,10 @@ class DataConfig:
 
         if not is_valid_name(self.dataset):
             raise ConfigError(
-                f"--dataset {self.dataset!r} is unknown; valid: {', '.join(DATASET_NAMES)}"
-            )
+                f"data.dataset {self.dataset!r} is unknown; valid: {', '.join(DATASET_NAMES)}",
+                key="data.dataset")
         if self.subset is not None and self.subset < 1:
-            raise ConfigError(f"--subset must be >= 1, got {self.subset}")
+            raise ConfigError(f"data.subset must be >= 1, got {self.subset}", key="data.subset")
         if self.zca_eps <= 0:
             raise ConfigError(f"data.zca_eps must be > 0, got {self.zca_eps}")
 
@@ -87,7 +103,8 @@ class TeacherConfig:
         if self.source == "checkpoint" and not self.checkpoint:
             raise ConfigError("teacher.source = checkpoint needs --teacher-checkpoint FILE")
         if self.ssl not in SSL_METHODS:
-            raise ConfigError(f"--ssl {self.ssl!r} is unknown; valid: {', '.join(SSL_METHODS)}")
+            raise ConfigError(f"teacher.ssl {self.ssl!r} is unknown; valid: "
+                              f"{', '.join(SSL_METHODS)}", key="teacher.ssl")
         if self.arch not in ("resnet10", "resnet18", "resnet34"):
             raise ConfigError(f"teacher.arch {self.arch!r}; valid: resnet10, resnet18, resnet34")
         for name in ("base_width", "epochs", "batch_size", "lr", "proj_dim", "knn_k"):
@@ -146,13 +163,14 @@ class ExpertConfig:
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
-            raise ConfigError(f"--experts must be >= 0, got {self.num_experts}")
+            raise ConfigError(f"experts.num_experts must be >= 0, got {self.num_experts}",
+                              key="experts.num_experts")
         _positive("experts.anchors", self.anchors)
         _positive("experts.stage_epochs", self.stage_epochs)
         if self.per_batch < 0:
-            raise ConfigError(f"--experts-per-batch must be >= 0 (0: the device's default), "
-                              f"got {self.per_batch}")
-        _positive("--expert-epochs", self.epochs)
+            raise ConfigError(f"experts.per_batch must be >= 0 (0: the device's default), "
+                              f"got {self.per_batch}", key="experts.per_batch")
+        _positive("experts.epochs", self.epochs)
         _positive("experts.lr", self.lr)
         _positive("experts.batch_size", self.batch_size)
         if not 0 <= self.momentum < 1:
@@ -162,8 +180,8 @@ class ExpertConfig:
         from ddkd.objectives import OBJECTIVES
 
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective {self.objective!r} is unknown; valid: "
-                              f"{', '.join(OBJECTIVES)}")
+            raise ConfigError(f"experts.objective {self.objective!r} is unknown; valid: "
+                              f"{', '.join(OBJECTIVES)}", key="experts.objective")
         _one_of("experts.target_norm", self.target_norm, ("none", "standardize"))
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
@@ -215,6 +233,13 @@ class SynthConfig:
     # --devices N each device takes its share
     segments: int = 1
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
+    # Trust region of the step size: one outer iteration changes log(alpha) by at most this
+    # (0.1: alpha by at most ~10%), however large its meta-gradient. A single spike (e.g. MKDT's
+    # N = 40 on a tiny run) then slows alpha down instead of collapsing it past the band above;
+    # a sustained drift still leaves the band (>= 47 bounded steps for f = 100) and is stopped.
+    # The embedded default's updates are ~3e-4 (median) and 3.5e-3 at most: never bounded.
+    # inf: SGD's update unbounded (as MTT/MKDT).
+    max_log_lr_step: float = 0.1
     checkpoint_minutes: float = 5.0
     seed: int = 0
 
@@ -223,30 +248,29 @@ class SynthConfig:
         if len(given) > 1:
             raise ConfigError(f"give only one of --ipc, --size, --fraction (got {given})")
         if self.ipc is not None and self.ipc < 1:
-            raise ConfigError(f"--ipc must be >= 1, got {self.ipc}")
+            raise ConfigError(f"ipc must be >= 1, got {self.ipc}", key="ipc")
         if self.size is not None and self.size < 1:
-            raise ConfigError(f"--size must be >= 1, got {self.size}")
+            raise ConfigError(f"size must be >= 1, got {self.size}", key="size")
         if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
         for name in ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn",
                      "segments"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", key=name)
         for name in ("lr_img", "lr_targets", "lr_lr", "checkpoint_minutes"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", key=name)
         if self.max_lr_factor <= 1:
             raise ConfigError(f"max_lr_factor must be > 1, got {self.max_lr_factor}")
+        if not self.max_log_lr_step > 0:  # inf allowed (no bound); NaN refused
+            raise ConfigError(f"max_log_lr_step must be > 0 (inf: no bound), got "
+                              f"{self.max_log_lr_step}")
         if self.lr_init is not None and self.lr_init <= 0:
             raise ConfigError(f"lr_init must be > 0, got {self.lr_init}")
-        if self.init not in ("high-loss", "random"):
-            raise ConfigError(f"--init {self.init!r} is unknown; valid: high-loss, random")
-        if self.memory not in ("unrolled", "constant"):
-            raise ConfigError(f"--memory {self.memory!r} is unknown; valid: unrolled, constant")
-        if self.augment not in ("none", "dsa"):
-            raise ConfigError(f"--augment {self.augment!r} is unknown; valid: none, dsa")
-        _one_of("--precision", self.precision, PRECISIONS)
+        _one_of("init", self.init, ("high-loss", "random"))
+        _one_of("memory", self.memory, ("unrolled", "constant"))
+        _one_of("augment", self.augment, ("none", "dsa"))
+        _one_of("precision", self.precision, PRECISIONS)
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -304,13 +328,46 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return str(value)
     except (TypeError, ValueError) as err:
         raise ConfigError(
-            f"{where} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}"
+            f"{where} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}",
+            key=where,
         ) from err
     return value
 
 
-def build_config(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, coercing types and rejecting unknown keys."""
+def build_config(cls: type, values: dict[str, Any], where: str = "",
+                 flags: dict[str, str] | None = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict, coercing types and rejecting unknown keys.
+
+    ``flags``: ``{key: flag}`` for the settings whose value came from a named command-line
+    flag (:func:`flag_keys`); an error about such a setting names the flag the user typed, an
+    error about any other names its key (as written in a recipe, ``--set`` or config.json).
+    """
+    try:
+        return _build(cls, values, where)
+    except ConfigError as err:
+        flag = (flags or {}).get(err.key or "")
+        message = str(err)
+        if flag is None or err.key is None or not message.startswith(err.key):
+            raise
+        raise ConfigError(flag + message[len(err.key):], key=err.key) from err
+
+
+def flag_keys(given: dict[str, Any], names: dict[str, str], prefix: str = "") -> dict[str, str]:
+    """The ``{key: flag}`` of the settings in the nested dict ``given`` (the values the named
+    flags set), for :func:`build_config`'s messages."""
+    out = {}
+    for key, value in given.items():
+        if isinstance(value, dict):
+            out.update(flag_keys(value, names, f"{prefix}{key}."))
+        elif f"{prefix}{key}" in names:
+            out[f"{prefix}{key}"] = names[f"{prefix}{key}"]
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the configuration'} must be a table of "
+                          f"settings, got {type(values).__name__}", key=where.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
@@ -322,7 +379,7 @@ def build_config(cls: type, values: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} is a section; set its keys as {name}.KEY=VALUE")
-            kwargs[key] = build_config(hint, value, where=f"{name}.")
+            kwargs[key] = _build(hint, value, where=f"{name}.")
         elif isinstance(value, dict):
             raise ConfigError(f"{name} is a single value, not a section")
         else:

@@ -11,7 +11,15 @@ class DDKDError(Exception):
 
 
 class ConfigError(DDKDError):
-    """An invalid configuration value, recipe or override."""
+    """An invalid configuration value, recipe or override.
+
+    ``key``: the setting the message is about (``experts.epochs``), when it is about one; the
+    command line uses it to name the flag instead when the value came from a flag.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(DDKDError):
@@ -24,3 +32,12 @@ class FileFormatError(DDKDError):
 
 class TrainingError(DDKDError):
     """Training diverged (NaN or infinite loss); the message says where and what to try."""
+
+
+class DiskFullError(DDKDError):
+    """A write failed because the disk (or the user's quota) is full. What was written before is
+    kept; the CLI adds how to continue (``--resume``)."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path

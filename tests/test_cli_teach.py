@@ -257,7 +257,7 @@ def test_bad_teacher_checkpoints(tiny_folder, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     _fails(capsys, [*base, "--teacher-checkpoint", str(garbage), "--out", str(tmp_path / "a")],
-           "does not load as a weights-only PyTorch state dict")
+           "is not a PyTorch checkpoint")
     wrong = tmp_path / "wrong.pt"
     torch.save(ResNet(ResNetConfig(in_channels=1, base_width=8)).state_dict(), wrong)
     _fails(capsys, [*base, "--teacher-checkpoint", str(wrong), "--set", "teacher.base_width=4",

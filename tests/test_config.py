@@ -38,7 +38,7 @@ def test_unknown_key_lists_valid_ones():
 def test_bad_value_names_the_setting():
     with pytest.raises(ConfigError, match="experts.num_experts = 'many'"):
         build_config(TeachConfig, parse_overrides(["experts.num_experts=many"]))
-    with pytest.raises(ConfigError, match="--experts must be >= 0"):
+    with pytest.raises(ConfigError, match="experts.num_experts must be >= 0"):
         ExpertConfig(num_experts=-1)
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         parse_overrides(["experts.lr"])

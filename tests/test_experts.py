@@ -224,5 +224,5 @@ def test_unknown_precision_lists_the_valid_ones():
 
     with pytest.raises(ConfigError, match="experts.precision 'fp16' is unknown; valid: fp32, bf16"):
         ExpertConfig(precision="fp16")
-    with pytest.raises(ConfigError, match="--precision 'half' is unknown; valid: fp32, bf16"):
+    with pytest.raises(ConfigError, match="precision 'half' is unknown; valid: fp32, bf16"):
         SynthConfig(ipc=1, precision="half")

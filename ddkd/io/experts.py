@@ -62,7 +62,8 @@ def write_expert_shard(
     path: Path, trajectory: torch.Tensor, losses: list[float], seed: int, dtype: str
 ) -> None:
     """Atomically write one expert's ``(epochs + 1, P)`` trajectory as a shard file."""
-    with atomic_path(path) as tmp:
+    nbytes = trajectory.numel() * np.dtype(dtype).itemsize
+    with atomic_path(path, expected_bytes=nbytes) as tmp:
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = FORMAT + "-shard"
             fh.create_dataset("trajectory", data=trajectory.cpu().numpy().astype(dtype))
@@ -78,8 +79,12 @@ def read_expert_shard(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def assemble_experts(path: Path, shard_dir: Path, header: ExpertsHeader) -> None:
-    """Write the experts file from ``shard_dir/expert_<k>.h5`` shards, then drop the shards."""
-    with atomic_path(path) as tmp:
+    """Write the experts file from ``shard_dir/expert_<k>.h5`` shards, then drop the shards.
+
+    The free space is checked first (the file is about the shards' size): HDF5 written onto a
+    full disk crashes the interpreter instead of raising (see ddkd.io.atomic)."""
+    nbytes = sum(p.stat().st_size for p in shard_dir.glob("expert_*.h5"))
+    with atomic_path(path, expected_bytes=nbytes) as tmp:
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = FORMAT
             fh.attrs["format_version"] = VERSION
@@ -182,6 +187,20 @@ class ExpertsFile:
     def trajectory(self, k: int) -> torch.Tensor:
         """All snapshots of expert ``k`` -> ``(epochs + 1, P)`` float32."""
         return torch.from_numpy(np.asarray(self._fh[f"experts/{k:04d}"][()], dtype=np.float32))
+
+    def check_finite(self, last_epoch: int) -> None:
+        """Refuse snapshots 0..``last_epoch`` of any expert that hold NaN or inf, naming the
+        expert and the epoch (matching would otherwise fail later as a diverged run). Reads
+        those rows once: a fraction of a synthesize run's cost."""
+        for k in range(self.header.num_experts):
+            rows = np.asarray(self._fh[f"experts/{k:04d}"][: last_epoch + 1])
+            bad = ~np.isfinite(rows)
+            if bad.any():
+                epoch = int(np.flatnonzero(bad.any(axis=1))[0])
+                raise FileFormatError(
+                    f"{self.path}: expert {k} (experts/{k:04d}) holds {int(bad.sum())} non-finite "
+                    f"parameters (NaN or inf), the first at epoch {epoch}: the file is damaged; "
+                    "record the experts again with `ddkd teach --out RUN --overwrite`")
 
     def losses(self, k: int) -> np.ndarray:
         return np.asarray(self._fh[f"experts/{k:04d}"].attrs["losses"])

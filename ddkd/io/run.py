@@ -17,6 +17,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 
 from ddkd.errors import ConfigError, FileFormatError
-from ddkd.io.atomic import atomic_path, write_json
+from ddkd.io.atomic import atomic_path, remove_stale_temps, write_json
 
 TARGETS_FORMAT = "ddkd-targets"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,10 @@ def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite
                 f"--resume: {run.root} holds no ddkd run (no config.json); drop --resume to "
                 "start a new run there"
             )
-        previous = json.loads(run.config.read_text())
+        previous = read_teach_record(run.config, "--resume")
         if previous != record and complete is not None:
             try:
-                upgraded = {**previous, "config": complete(previous.get("config", {}))}
+                upgraded = {**previous, "config": complete(previous["config"])}
             except ConfigError as err:
                 raise ConfigError(f"--resume: {run.config} does not describe a run this "
                                   f"version of ddkd can continue ({err})") from err
@@ -108,11 +111,13 @@ def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite
                 write_json(run.config, record)
                 previous = record
         if previous != record:
-            diffs = _diff(previous.get("config", {}), config_dict)
+            diffs = config_diff(previous["config"], config_dict) or [
+                f"its record has other top-level entries {sorted(previous)}"]
             raise ConfigError(
                 f"--resume: the configuration differs from the run in {run.root} "
                 f"({'; '.join(diffs[:5])}); resume with the same options or use a new --out"
             )
+        _remove_stale_temps(run)
         return run
     if exists:
         if not overwrite:
@@ -131,15 +136,62 @@ def prepare_run_dir(root: str | Path, config_dict: dict, resume: bool, overwrite
     return run
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _remove_stale_temps(run: RunDir) -> None:
+    """A resumed run is the only writer of its directory: the temporary files of writes that
+    were killed are its own leftovers."""
+    removed = [p for folder in (run.root, run.checkpoints, run.expert_shards)
+               for p in remove_stale_temps(folder)]
+    if removed:
+        log.info("removed %d temporary files of interrupted writes in %s", len(removed),
+                 run.root)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: run has A, now B"`` for every setting that differs (nested keys dotted)."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
+            out += config_diff(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: run has {a!r}, now {b!r}")
     return out
+
+
+def read_json_object(path: Path, flag: str) -> dict:
+    """A JSON file that must hold an object; damage is reported as a ConfigError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{flag}: {path} is damaged ({err}); it must be the JSON object "
+                          "ddkd wrote there") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: {path} holds JSON {type(value).__name__}, not the JSON "
+                          "object ddkd writes there")
+    return value
+
+
+def read_teach_record(path: Path, flag: str) -> dict:
+    """A run's config.json: ``{"stage": "teach", "config": {...}}``."""
+    record = read_json_object(path, flag)
+    if record.get("stage") != "teach":
+        raise ConfigError(f"{flag}: {path} is not the record of a ddkd teach run (stage "
+                          f"{record.get('stage')!r}, expected 'teach')")
+    if not isinstance(record.get("config"), dict):
+        raise ConfigError(f"{flag}: {path} lacks the teach configuration (its 'config' entry "
+                          f"is {record.get('config')!r}, expected a JSON object)")
+    return record
+
+
+def read_environment(path: Path, flag: str) -> dict:
+    """A run's environment.json; the later stages rely on ``inputs.train_checksum``."""
+    env = read_json_object(path, flag)
+    inputs = env.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("train_checksum"), str):
+        raise ConfigError(f"{flag}: {path} lacks inputs.train_checksum (the checksum of the "
+                          "run's training images); it is damaged: make the run again with "
+                          "`ddkd teach --overwrite`")
+    return env
 
 
 def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta: dict,
@@ -150,7 +202,9 @@ def save_targets(path: Path, targets: torch.Tensor, indices: torch.Tensor, meta:
     fitted state (group ``/objective``; its ``targets`` map the features into the objective's
     target space) and, when the experts train on whitened images, the ZCA transform
     (group ``/zca``)."""
-    with atomic_path(path) as tmp:
+    nbytes = targets.numel() * 4 + indices.numel() * 8 + sum(
+        t.numel() * t.element_size() for t in (objective_state or {}).values())
+    with atomic_path(path, expected_bytes=nbytes) as tmp:  # HDF5 on a full disk: see atomic
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = TARGETS_FORMAT
             fh.attrs["format_version"] = 1
@@ -222,9 +276,13 @@ class OpenedRun:
 
 def open_run(root: str | Path) -> OpenedRun:
     """Check that ``root`` is a complete teach run and load its data and targets."""
+    from ddkd.config import TeachConfig, build_config
     from ddkd.data.datasets import load_dataset
 
     run = RunDir(Path(root))
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"--run {run.root} is a file; give the run directory that `ddkd "
+                          "teach --out DIR` wrote")
     if not run.root.is_dir():
         raise ConfigError(f"--run {run.root} does not exist; create it with `ddkd teach --out "
                           f"{run.root}`")
@@ -236,20 +294,20 @@ def open_run(root: str | Path) -> OpenedRun:
     if missing:
         raise ConfigError(f"--run {run.root} is incomplete (missing {', '.join(missing)}); "
                           "finish it with `ddkd teach --out DIR --resume`")
-    try:
-        record = json.loads(run.config.read_text())
-        env = json.loads(run.environment.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--run {run.root}: config.json or environment.json is damaged "
-                          f"({err})") from err
-    if record.get("stage") != "teach":
-        raise ConfigError(f"--run {run.root} is not a ddkd teach run")
+    flag = f"--run {run.root}"
+    record = read_teach_record(run.config, flag)
+    env = read_environment(run.environment, flag)
     config = record["config"]
+    try:  # the same rules as the command line's (types, ranges, known keys)
+        teach = build_config(TeachConfig, config)
+    except ConfigError as err:
+        raise ConfigError(f"{flag}: {run.config} holds an invalid teach configuration: "
+                          f"{err}") from err
     targets, indices, meta = load_targets(run.targets)
-    data = config["data"]
-    train = load_dataset(data["dataset"], "train", data.get("data_root")).subset(indices)
+    data = teach.data
+    train = load_dataset(data.dataset, "train", data.data_root).subset(indices)
     if train.checksum() != env["inputs"]["train_checksum"]:
-        raise ConfigError(f"the training images of {data['dataset']} differ from those the run "
+        raise ConfigError(f"the training images of {data.dataset} differ from those the run "
                           f"{run.root} was made from (checksum mismatch): the dataset changed")
     objective, objective_state = load_objective_state(run.targets)
     return OpenedRun(run, config, env, train.images, train.labels, train.num_classes, indices,

@@ -33,7 +33,8 @@ def save_weights(
     path: str | Path, state: dict[str, torch.Tensor], kind: str, config: dict, meta: dict
 ) -> None:
     """Atomically write ``state`` with its ``kind`` (e.g. ``resnet``), config and metadata."""
-    with atomic_path(path) as tmp:
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_path(path, expected_bytes=nbytes) as tmp:  # HDF5 on a full disk: see atomic
         with h5py.File(tmp, "w") as fh:
             fh.attrs["format"] = FORMAT
             fh.attrs["format_version"] = VERSION

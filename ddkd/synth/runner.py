@@ -7,7 +7,6 @@ uninterrupted run would (the checkpoint holds images, targets, step size and opt
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -22,10 +21,17 @@ from tqdm import tqdm
 from ddkd.config import SynthConfig, to_dict
 from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
-from ddkd.io.atomic import append_jsonl, atomic_path, read_jsonl, write_json
+from ddkd.io.atomic import (
+    append_jsonl,
+    check_writable,
+    read_jsonl,
+    remove_stale_temps,
+    save_torch,
+    write_json,
+)
 from ddkd.io.experts import ExpertsFile
 from ddkd.io.provenance import teacher_record
-from ddkd.io.run import open_run
+from ddkd.io.run import config_diff, open_run, read_json_object
 from ddkd.io.synthset import SynthSet, save_synthset
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
@@ -104,6 +110,11 @@ class _State:
     The step size is stored as log(alpha) so that it stays positive. Its optimiser's learning
     rate is ``lr_lr / alpha_0^2``: at initialisation a step on log(alpha) then moves alpha by
     the same amount as MKDT's step on alpha itself (d alpha = alpha d log alpha).
+
+    Trust region (``config.max_log_lr_step`` = b): an iteration's change of log(alpha) is
+    clipped to [-b, b], and so is the velocity SGD's momentum keeps (``lr * buffer``), so that
+    one spike of the meta-gradient moves alpha by at most a factor e^b now and less after it.
+    Within the bound nothing is touched: the update is SGD's, bit for bit.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, alpha0: float, config: SynthConfig):
@@ -115,16 +126,34 @@ class _State:
         self.opt_y = torch.optim.SGD([self.y], lr=config.lr_targets, momentum=m)
         self.opt_alpha = torch.optim.SGD([self.log_alpha], lr=config.lr_lr / alpha0**2,
                                          momentum=m)
+        self.max_log_step = config.max_log_lr_step
+        self.log_step = 0.0  # the last iteration's change of log(alpha), as SGD asked for it
 
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.detach().exp()
 
-    def step(self, grad_x: torch.Tensor, grad_y: torch.Tensor, grad_alpha: torch.Tensor) -> None:
+    def step(self, grad_x: torch.Tensor, grad_y: torch.Tensor, grad_alpha: torch.Tensor) -> bool:
+        """One outer update; -> whether the trust region bounded the step size's change."""
         self.x.grad, self.y.grad = grad_x, grad_y
         self.log_alpha.grad = grad_alpha * self.alpha  # chain rule through alpha = exp(.)
+        before = self.log_alpha.detach().clone()
         for opt in (self.opt_x, self.opt_y, self.opt_alpha):
             opt.step()
+        return self._bound_log_alpha(before)
+
+    def _bound_log_alpha(self, before: torch.Tensor) -> bool:
+        self.log_step = float(self.log_alpha.detach() - before)
+        bound = self.max_log_step
+        if not abs(self.log_step) > bound:  # (a NaN step is the guard's business)
+            return False
+        with torch.no_grad():
+            self.log_alpha.copy_(before + math.copysign(bound, self.log_step))
+            lr = self.opt_alpha.param_groups[0]["lr"]
+            buffer = self.opt_alpha.state[self.log_alpha].get("momentum_buffer")
+            if buffer is not None and lr > 0:
+                buffer.clamp_(-bound / lr, bound / lr)
+        return True
 
     def state_dict(self) -> dict:
         return {"x": self.x.detach(), "y": self.y.detach(), "log_alpha": self.log_alpha.detach(),
@@ -174,6 +203,8 @@ def run_synthesize(
     if config.segments % dist.world:
         raise ConfigError(f"--segments {config.segments} cannot be shared by {dist.world} "
                           f"processes: give a multiple of {dist.world}")
+    if out is not None:
+        check_writable(out, "--out")  # before any work (a default --out: once it is known)
     opened = open_run(run_dir)
     experts = ExpertsFile(opened.run.experts)
     try:
@@ -195,10 +226,12 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             f"recorded trajectories ({header.epochs} epochs in {opened.run.experts}); lower "
             "them or record longer experts"
         )
+    experts.check_finite(last_needed)  # a damaged file is named now, not as a divergence
     num_train = opened.images.shape[0]
     n = config.num_images(opened.num_classes, num_train)
     dataset = opened.teach_config["data"]["dataset"]
     out = Path(out) if out is not None else default_out(dataset, config, n)
+    check_writable(out, "--out")
     if config.zca and opened.zca is None:
         raise ConfigError(f"--zca: the experts of {opened.run.root} were trained without ZCA "
                           "whitening; make a whitened run with `ddkd teach --set data.zca=true`")
@@ -218,13 +251,16 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     if resume:
         if not (partial / "config.json").is_file():
             raise ConfigError(f"--resume: there is no unfinished run for {out} (no {partial})")
-        saved = json.loads((partial / "config.json").read_text())
+        saved = read_json_object(partial / "config.json", "--resume")
         # a run begun by an older ddkd lacks the settings added since: they had their defaults
-        saved["synthesize"] = {**to_dict(SynthConfig()), **saved.get("synthesize", {})}
+        previous = saved.get("synthesize")
+        saved["synthesize"] = {**to_dict(SynthConfig()),
+                               **(previous if isinstance(previous, dict) else {})}
         if saved != record:
+            diffs = [d.removeprefix("synthesize.") for d in config_diff(saved, record)]
             raise ConfigError(f"--resume: the configuration differs from the unfinished run in "
-                              f"{partial}; resume with the same options, or drop --resume and "
-                              "pass --overwrite to start again")
+                              f"{partial} ({'; '.join(diffs[:5])}); resume with the same "
+                              "options, or drop --resume and pass --overwrite to start again")
     elif partial.exists() and not overwrite:
         raise ConfigError(f"an unfinished run for {out} exists ({partial}); pass --resume "
                           "to continue it or --overwrite to start again")
@@ -232,6 +268,11 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     if dist.is_main:
         if not resume and partial.exists():
             shutil.rmtree(partial)
+        # Leftovers of killed writes of this output (the set itself, the checkpoint): this run
+        # is now their only writer.
+        stale = remove_stale_temps(out.parent, out.name) + remove_stale_temps(partial)
+        if stale:
+            log.info("removed %d temporary files of interrupted writes of %s", len(stale), out)
         partial.mkdir(parents=True, exist_ok=True)
         write_json(partial / "config.json", record)
 
@@ -273,12 +314,16 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
                disable=not (progress and dist.is_main and sys.stderr.isatty()),
                dynamic_ncols=True, leave=False)
 
+    saved_at = start  # the iteration the checkpoint on disk holds
+
     def save_checkpoint(state_dict: dict, iteration: int) -> None:
+        nonlocal saved_at
+        saved_at = iteration
         if not dist.is_main:
             return
-        with atomic_path(ckpt) as tmp:
-            torch.save({"state": state_dict, "iteration": iteration}, tmp)
+        save_torch(ckpt, {"state": state_dict, "iteration": iteration})
 
+    clipped, largest_log_step = 0, 0.0
     last_ckpt = time.time()
     compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
     for it in range(start, config.iterations):
@@ -300,11 +345,18 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         finite = math.isfinite(loss) and all(
             bool(torch.isfinite(g).all()) for g in (grad_x, grad_y, grad_alpha))
         before = _clone(state.state_dict())
-        problem = None
+        problem, bounded = None, False
         if not finite:
             problem = f"the matching loss or its gradient became non-finite (loss {loss})"
         else:
-            state.step(grad_x, grad_y, grad_alpha.reshape(()))
+            bounded = state.step(grad_x, grad_y, grad_alpha.reshape(()))
+            largest_log_step = max(largest_log_step, abs(state.log_step))
+            if bounded:
+                clipped += 1
+                if clipped == 1:
+                    log.warning("iteration %d: the meta-gradient asked to change log(step size) "
+                                "by %.3g; bounded to %g (max_log_lr_step)", it + 1,
+                                state.log_step, config.max_log_lr_step)
             alpha = float(state.alpha)
             if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
                 what = "exploded" if not alpha < alpha0 else "collapsed"
@@ -322,13 +374,21 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
             append_jsonl(partial / "metrics.jsonl", {
                 "iteration": it + 1, "loss": loss, "lr": alpha,
                 "expert": segments[0][0], "start_epoch": segments[0][1],
-                **({"segments": segments} if len(segments) > 1 else {})})
+                **({"segments": segments} if len(segments) > 1 else {}),
+                **({"lr_bounded": True} if bounded else {})})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{alpha:.4g}")
         if time.time() - last_ckpt >= 60 * config.checkpoint_minutes:
             save_checkpoint(state.state_dict(), it + 1)
             last_ckpt = time.time()
     bar.close()
+    if start < config.iterations:
+        log.info("step size: largest change of log(alpha) in one iteration %.3g (bound %g), "
+                 "bounded in %d of %d iterations", largest_log_step, config.max_log_lr_step,
+                 clipped, config.iterations - start)
+    if saved_at != config.iterations:
+        # The finished state, so that a failed final write (a full disk) resumes straight to it.
+        save_checkpoint(state.state_dict(), config.iterations)
 
     final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
                                       float(state.alpha), device, objective.loss)

@@ -23,7 +23,7 @@ from ddkd.config import ExpertConfig, TeachConfig, build_config, to_dict
 from ddkd.data.datasets import ImageTensors, load_dataset
 from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
-from ddkd.io.atomic import append_jsonl, atomic_path, write_json
+from ddkd.io.atomic import append_jsonl, check_writable, save_torch, write_json
 from ddkd.io.experts import ExpertsFile, ExpertsHeader, assemble_experts, write_expert_shard
 from ddkd.io.run import (
     RunDir,
@@ -31,6 +31,7 @@ from ddkd.io.run import (
     load_targets,
     load_zca,
     prepare_run_dir,
+    read_json_object,
     save_targets,
 )
 from ddkd.io.weights import load_weights, save_weights
@@ -144,6 +145,7 @@ def run_teach(
     """
     t_start = time.time()
     dist = dist or Ranks()
+    check_writable(out, "--out", kind="dir")  # before any work: a folder we cannot write to
     # Everything that can fail on user input is checked before the run directory is touched.
     full_train = load_dataset(config.data.dataset, "train", config.data.data_root)
     test = load_dataset(config.data.dataset, "test", config.data.data_root)
@@ -174,7 +176,8 @@ def run_teach(
         "teacher_checksum": sha256_file(teacher.file) if teacher.file else None,
     }
     if resume and run.environment.is_file():
-        before = json.loads(run.environment.read_text()).get("inputs", {})
+        before = read_json_object(run.environment, "--resume").get("inputs")
+        before = before if isinstance(before, dict) else {}
         changed = [k for k in ("train_checksum", "test_checksum", "teacher_checksum")
                    if before.get(k) != env["inputs"][k]]
         if changed:
@@ -307,8 +310,7 @@ def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, 
         if dist.is_main:
             append_jsonl(run.metrics, {"phase": "teacher", "epoch": trainer.epoch,
                                        "loss": loss, "seconds": round(time.time() - t0, 2)})
-            with atomic_path(ckpt) as tmp:
-                torch.save(trainer.state_dict(), tmp)
+            save_torch(ckpt, trainer.state_dict())
     bar.close()
     _check_in_step(teacher.net, dist)
     recalibrate_batchnorm(teacher.net, train.images, teacher.normalize, device)

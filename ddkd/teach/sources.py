@@ -9,6 +9,8 @@ ResNet, or of any module built by ``teacher.factory = "package.module:function"`
 from __future__ import annotations
 
 import importlib
+import re
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,14 +89,12 @@ def load_checkpoint_teacher(
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file)
-            raise ConfigError(
-                f"--teacher-checkpoint {file} does not load as a weights-only PyTorch state "
-                f"dict: {str(err).splitlines()[0]}"
-            ) from err
+            raise ConfigError(_unloadable(file, err)) from err
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise ConfigError(f"--teacher-checkpoint {file} is not a state dict of tensors")
+            raise ConfigError(f"--teacher-checkpoint {file} holds a {type(state).__name__}, not "
+                              f"a state dict of tensors; {ACCEPTED}")
         if factory:
             net = build_from_factory(factory)
             arch = {"kind": "factory", "factory": factory}
@@ -118,6 +118,27 @@ def load_checkpoint_teacher(
             f"--teacher-checkpoint {file} does not fit the teacher {arch}: {first}"
         ) from err
     return net, arch, meta
+
+
+ACCEPTED = ("ddkd accepts a ddkd .h5 weights file or a .pt/.pth file holding a state dict "
+            "of tensors, written by torch.save(model.state_dict(), PATH)")
+
+
+def _unloadable(file: Path, err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused ``file``, in ddkd's terms: torch's own text
+    advises weights_only=False (which would run the file's code) and carries terminal escapes."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"--teacher-checkpoint {file} holds pickled Python objects ({found.group(1)}, "
+                "e.g. a whole model saved with torch.save(model)), not a state dict of tensors; "
+                "ddkd loads weights only, so that a file cannot run code: save "
+                f"model.state_dict() instead ({ACCEPTED})")
+    if zipfile.is_zipfile(file):
+        reason = "a torch.save archive whose contents do not load as tensors"
+    else:
+        reason = "neither a torch.save archive nor a pickle of tensors"
+    return f"--teacher-checkpoint {file} is not a PyTorch checkpoint ({reason}); {ACCEPTED}"
 
 
 def _compare_keys(net: nn.Module, state: dict) -> tuple[list[str], list[str]]:

@@ -179,7 +179,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ddkd.io.atomic import check_writable
     from ddkd.io.synthset import load_synthset, non_finite_members
 
-    png = Path(args.png) if args.png else Path(args.file).with_suffix(".png")
+    # By default into the current folder, not beside the set: a set inside an installed
+    # package would otherwise have its grid written into site-packages.
+    png = Path(args.png) if args.png else Path(Path(args.file).stem + ".png")
     check_writable(png, "--png")  # before reading the set
     # A set with NaN or inf is read anyway: inspecting it is how one finds out what is wrong.
     synth = load_synthset(args.file, finite=False)
@@ -617,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     insp = sub.add_parser("inspect", help="print a synthetic set's metadata, write a PNG grid")
     insp.add_argument("file", help="a ddkd synthetic set (.h5)")
-    insp.add_argument("--png", help="where to write the image grid (default: FILE.png)")
+    insp.add_argument("--png", help="where to write the image grid (default: the set's name "
+                      "with .png, in the current folder)")
     insp.add_argument("--nrow", type=int, help="images per row of the grid")
     insp.set_defaults(func=cmd_inspect)
     return parser

@@ -138,3 +138,13 @@ def test_every_imported_distribution_is_declared():
     assert not unknown, f"imported but not mapped to a distribution: {unknown}"
     undeclared = {provides[m] for m in third_party} - declared
     assert not undeclared, f"imported but not declared in setup.cfg: {undeclared}"
+
+
+def test_inspect_writes_its_grid_into_the_current_folder(installed, tmp_path):
+    """Not beside the set: for a set inside an installed package that is site-packages."""
+    beside = SHIPPED_SET.with_suffix(".png")
+    existed = beside.exists()
+    done = _run_script(installed, tmp_path, "inspect", str(SHIPPED_SET))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fashion-mnist_ipc10_default.png").stat().st_size > 0
+    assert beside.exists() == existed

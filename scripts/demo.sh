@@ -19,5 +19,5 @@ if [ ! -f "$set_file" ]; then
   [ -d "$set_file.partial" ] && resume="--resume"
   $ddkd synthesize --run "$out" --ipc 10 --out "$set_file" $resume
 fi
-$ddkd inspect "$set_file"
+$ddkd inspect "$set_file" --png "${set_file%.h5}.png"
 $ddkd evaluate "$set_file" --out "$out/eval"

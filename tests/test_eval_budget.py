@@ -262,3 +262,26 @@ def test_a_set_that_names_no_dataset_asks_for_downstream(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--downstream" in err and str(path) in err and len(err.splitlines()) == 1
+
+
+def test_a_set_with_nan_images_is_refused_naming_the_member(tmp_path, capsys):
+    import torch
+
+    from ddkd.io.synthset import SynthSet, save_synthset
+
+    path = tmp_path / "nan.h5"
+    save_synthset(path, SynthSet(
+        images=torch.zeros(4, 1, 8, 8), targets=torch.zeros(4, 3), lr=0.1,
+        mean=torch.tensor([0.5], dtype=torch.float64),
+        std=torch.tensor([0.5], dtype=torch.float64), objective="mse",
+        provenance={"source_dataset": "fashion-mnist"}, config={},
+        init_indices=torch.arange(4)))
+    import h5py
+
+    with h5py.File(path, "r+") as fh:  # damaged after it was written (ddkd refuses to write it)
+        fh["images"][1, 0, 2, 2] = float("nan")
+    assert main(["evaluate", str(path), "--baselines", "", "--out", str(tmp_path / "e"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and "images" in err and len(err.splitlines()) == 1
+    assert "diverged" not in err

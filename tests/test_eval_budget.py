@@ -284,4 +284,4 @@ def test_a_set_with_nan_images_is_refused_naming_the_member(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert str(path) in err and "images" in err and len(err.splitlines()) == 1
-    assert "diverged" not in err
+    assert "non-finite" in err and "pre-training diverged" not in err

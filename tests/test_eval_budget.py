@@ -183,9 +183,9 @@ def test_a_rerun_redoes_no_finished_encoder(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_job_rows", no_work)
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text())["rows"] == first
-    # Another evaluation in the same folder starts afresh (and here, must train).
+    # Another recipe (here fewer pre-training epochs) changes what every job gives: it trains.
     with pytest.raises(AssertionError, match="trained again"):
-        main([*args[:-len(EVAL)], "--fractions", "0.5", "--seeds", "1", "--epochs", "2",
+        main([*args[:-len(EVAL)], "--fractions", "0.5", "--seeds", "2", "--epochs", "1",
               "--no-progress"])
 
 
@@ -285,3 +285,20 @@ def test_a_set_with_nan_images_is_refused_naming_the_member(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert str(path) in err and "images" in err and len(err.splitlines()) == 1
     assert "non-finite" in err and "pre-training diverged" not in err
+
+
+def test_more_seeds_reuse_the_seeds_already_done(tiny, tmp_path, monkeypatch):
+    _, synth = tiny
+    out = tmp_path / "eval"
+    base = ["evaluate", str(synth), "--baselines", "none,random", "--out", str(out),
+            "--fractions", "0.5", "--epochs", "2", "--no-progress"]
+    assert main([*base, "--seeds", "1"]) == 0
+    import ddkd.eval.runner as runner
+
+    calls = []
+    real = runner._job_rows
+    monkeypatch.setattr(runner, "_job_rows",
+                        lambda *a: calls.append((a[1].name, a[3])) or real(*a))
+    assert main([*base, "--seeds", "2"]) == 0
+    assert sorted(calls) == sorted([("set", 1), ("no pre-training", 1),
+                                    ("random subset + KD (n=4)", 1)])

@@ -321,14 +321,13 @@ def run_evaluate(
                disable=not (progress and dist.is_main and sys.stderr.isatty()))
     for job_index, (method, arch, seed) in bar:
         bar.set_postfix(method=method.name[:24], arch=arch, seed=seed)
-        key = f"{job_index}|{method.name}|{arch}|{seed}"
+        key = f"{method.name}|{arch}|{seed}"
         if key not in done:
             job_rows = _job_rows(plan, method, arch, seed)
-            for i, r in enumerate(job_rows):
-                r["_order"] = (job_index, i)
             journal.append(key, job_rows)
             done[key] = job_rows
-        rows.extend(done[key])
+        for i, r in enumerate(done[key]):
+            rows.append({**r, "_order": (job_index, i)})
     if dist.world > 1:  # every process's rows, in the order one process writes them
         rows = sorted((r for part in dist.gather(rows) for r in part),
                       key=lambda r: r["_order"])
@@ -457,8 +456,11 @@ def _probe_rows(plan: _JobPlan, encoder: torch.nn.Module, method: Method, seed: 
 
 
 def _journal_key(config: dict, set_paths: list[str]) -> str:
-    """What makes two evaluations the same: the configuration and the sets' bytes."""
-    material = {"config": config, "sets": [sha256_file(p) for p in set_paths]}
+    """What makes one job's rows reusable: the configuration and the sets' bytes. The number
+    of seeds and the list of baselines only say which jobs there are, not what one job gives,
+    so more seeds or another baseline reuse every job already done."""
+    same = {k: v for k, v in config.items() if k not in ("seeds", "baselines")}
+    material = {"config": same, "sets": [sha256_file(p) for p in set_paths]}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -482,8 +484,6 @@ class _Journal:
             for line in lines[1:]:
                 entry = _json_or_none(line)
                 if isinstance(entry, dict) and "job" in entry and "rows" in entry:
-                    for r in entry["rows"]:
-                        r["_order"] = tuple(r["_order"])
                     done[entry["job"]] = entry["rows"]
         else:
             write_text(self.path, json.dumps({"key": self.key}) + "\n")

@@ -199,7 +199,7 @@ def test_label_objectives_cannot_train_experts():
     from ddkd.config import ExpertConfig
     from ddkd.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--objective 'labels' is unknown"):
+    with pytest.raises(ConfigError, match="objective 'labels' is unknown"):
         ExpertConfig(objective="labels")
 
 

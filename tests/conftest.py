@@ -90,3 +90,18 @@ def tiny_teach_config(dataset: str, **experts) -> TeachConfig:
 def _deterministic_threads():
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     yield
+
+
+def make_tiny_run_and_set(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny image-folder teach run and a 4-image set distilled from it -> (data, run, set)."""
+    from ddkd.cli import main
+
+    folder = write_imagefolder(root / "data", n_per_class=20)
+    run = root / "run"
+    assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run),
+                 *TINY_TEACH]) == 0
+    synth = root / "set.h5"
+    assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "2",
+                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
+                 "--max-start-epoch", "1", "--no-progress"]) == 0
+    return folder, run, synth

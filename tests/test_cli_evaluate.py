@@ -7,21 +7,13 @@ import pytest
 import torch
 
 from conftest import TINY_TEACH as TEACH
-from conftest import write_imagefolder
+from conftest import make_tiny_run_and_set
 from ddkd.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    folder = write_imagefolder(root / "data", n_per_class=20)
-    run = root / "run"
-    assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run), *TEACH]) == 0
-    synth = root / "set.h5"
-    assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "2",
-                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
-                 "--max-start-epoch", "1", "--no-progress"]) == 0
-    return folder, run, synth
+    return make_tiny_run_and_set(tmp_path_factory.mktemp("eval"))
 
 
 def test_evaluate_writes_all_outputs(tiny, tmp_path, capsys):

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from conftest import TINY_TEACH as TEACH
-from conftest import requires_fmnist, write_imagefolder
+from conftest import make_tiny_run_and_set, requires_fmnist
 from ddkd.cli import main
 from ddkd.eval.budget import Worth, set_worths, worth_steps
 
@@ -65,14 +64,7 @@ def test_set_worths_pairs_each_seed_with_its_own_curve():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("budget")
-    folder = write_imagefolder(root / "data", n_per_class=20)
-    run = root / "run"
-    assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run), *TEACH]) == 0
-    synth = root / "set.h5"
-    assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "2",
-                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
-                 "--max-start-epoch", "1", "--no-progress"]) == 0
+    _, run, synth = make_tiny_run_and_set(tmp_path_factory.mktemp("budget"))
     return run, synth
 
 

@@ -52,13 +52,7 @@ def plot_results(rows: list[dict], path: str | Path, title: str = "") -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{task}, {arch}" + (f" ({title})" if title else ""), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 3.5 / width, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, axes, width, path)
 
 
 def plot_budget(rows: list[dict], path: str | Path, title: str = "") -> None:
@@ -115,10 +109,16 @@ def plot_budget(rows: list[dict], path: str | Path, title: str = "") -> None:
         ax.set_title(f"{task}, {arch}, {100 * fraction:g}% labels"
                      + (f" ({title})" if title else ""), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
+    _save(fig, axes, width, path)
+
+
+def _save(fig, axes, width: float, path: str | Path) -> None:
+    """One legend to the right of the panels (3.5 inches of ``width``), then an atomic PNG."""
+    import matplotlib.pyplot as plt
+
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 3.5 / width, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

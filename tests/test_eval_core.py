@@ -69,6 +69,34 @@ def test_pretraining_regresses_the_targets(arch):
                                                  again.state_dict().values(), strict=True))
 
 
+@pytest.mark.parametrize("arch", ["convnet", "resnet10"])
+def test_a_step_budget_passes_through_every_shorter_run(arch):
+    """``steps=`` continues the same data stream: the encoder after k steps of a longer run is
+    the encoder of a k-step run, and ``epochs`` epochs are exactly their number of steps
+    (here 33 images in batches of 8: a last batch of one, skipped under BatchNorm)."""
+    from ddkd.eval.pretrain import build_encoder, pretrain, steps_per_epoch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 1, 8, 8, generator=gen)
+    y = x.flatten(1)[:, :4]
+
+    def fresh():
+        return build_encoder(arch, (1, 8, 8), 4, seed=0, student={"depth": 2, "width": 8})
+
+    by_epochs = fresh()
+    pretrain(by_epochs, x, y, lr=0.05, seed=1, epochs=2, batch_size=8)
+    spe = steps_per_epoch(33, 8, by_epochs)
+    assert spe == (4 if arch == "resnet10" else 5)
+    seen = {}
+    longer = fresh()
+    pretrain(longer, x, y, lr=0.05, seed=1, steps=3 * spe, batch_size=8,
+             on_step=lambda s: seen.setdefault(s, [t.clone() for t in
+                                                    longer.state_dict().values()]))
+    assert sorted(seen) == list(range(1, 3 * spe + 1))
+    assert all(torch.equal(a, b) for a, b in zip(by_epochs.state_dict().values(),
+                                                 seen[2 * spe], strict=True))
+
+
 def test_unknown_arch_lists_the_valid_ones():
     from ddkd.eval.pretrain import build_encoder
 

@@ -278,7 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds, archs=_csv(args.arch), probe=args.probe, out=args.out,
         device=device, data_root=args.data_root, epochs=args.epochs,
         stratified=not args.uniform, progress=not args.no_progress, command=sys.argv,
-        dist=dist, budgets=_budgets(args.pretrain_steps),
+        dist=dist, budgets=_budgets(args.pretrain_steps), full_epochs=args.full_epochs,
     )
     if not dist.is_main:
         return 0
@@ -542,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "10,20,40,80,160,400; one run per encoder passes through all of them), "
                     "add the full-data KD baseline, and report each set's worth: the full-data "
                     "KD steps that reach its accuracy (budget.png, results.md)")
+    ev.add_argument("--full-epochs", type=int, metavar="E",
+                    help="epochs of the full-data KD baseline (default: --epochs). On a whole "
+                    "split 20 epochs are thousands of steps: fewer keep the costliest job to "
+                    "what the budget curve needs; its row names its epochs")
     ev.add_argument("--uniform", action="store_true",
                     help="draw labels uniformly as MKDT did (default: class-stratified)"
                     + _STATED)

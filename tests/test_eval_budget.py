@@ -115,6 +115,29 @@ def test_budget_curve_passes_through_the_standard_recipe(tiny, tmp_path):
     assert standard(plain) == standard(curved)
 
 
+def test_full_epochs_shortens_only_the_full_data_baseline(tiny, tmp_path):
+    run, synth = tiny
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(synth), "--baselines", "random", "--pretrain-steps", "1,3",
+                 "--full-epochs", "4", "--out", str(out), *EVAL]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    # 40 images, one step an epoch: full KD's standard row is at 4 steps, the others' at 2.
+    full = [r for r in rows if r["baseline"] == "full"]
+    assert {r["steps"] for r in full if r["standard"]} == {4}
+    assert all("4 epochs" in r["method"] for r in full)
+    assert {r["steps"] for r in rows if r["standard"] and r["baseline"] != "full"} == {2}
+    assert sorted({r["steps"] for r in full}) == [1, 3, 4]
+
+
+@pytest.mark.parametrize("args", [["--full-epochs", "0"], ["--baselines", "random",
+                                                           "--full-epochs", "2"]])
+def test_bad_full_epochs_are_refused_before_work(tiny, tmp_path, capsys, args):
+    _, synth = tiny
+    assert main(["evaluate", str(synth), *args, "--out", str(tmp_path / "e"), *EVAL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--full-epochs" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("steps", ["0", "-3", "1.5", "abc", ","])
 def test_bad_budgets_are_refused_before_work(tiny, tmp_path, capsys, steps):
     _, synth = tiny

@@ -75,6 +75,7 @@ class Method:
     proj_dim: int = 1024  # the SSL projection head's width
     objective: Objective | None = None  # the KD objective of ``targets`` (None: MSE)
     baseline: str | None = None  # the --baselines name; None for a synthetic set
+    epochs: int | None = None  # pre-training epochs of this method (None: --epochs)
 
     def data(self, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.subset_size is None or self.images is None:
@@ -95,7 +96,8 @@ def _set_method(path: str, synth: SynthSet) -> Method:
 
 
 def _baselines(names: list[str], source: BaselineData | None, size: int, shape,
-               sets: list[SynthSet], device: torch.device) -> list[Method]:
+               sets: list[SynthSet], device: torch.device,
+               full_epochs: int | None = None) -> list[Method]:
     if names == ["none"] and sets:  # needs no run: a fresh encoder in the set's input space
         return [Method("no pre-training", None, None, 0.0, _set_method("", sets[0]).space,
                        baseline="none")]
@@ -140,9 +142,10 @@ def _baselines(names: list[str], source: BaselineData | None, size: int, shape,
                                   None, _BASELINE_LR, space, subset_size=size, ssl=method,
                                   proj_dim=source.proj_dim, baseline="ssl-random"))
         elif name == "full":
-            methods.append(Method(f"full data + KD (n={len(x_all)})", x_all, z_all,
+            epochs = "" if full_epochs is None else f", {full_epochs} epochs"
+            methods.append(Method(f"full data + KD (n={len(x_all)}{epochs})", x_all, z_all,
                                   _BASELINE_LR, space, zca, objective=objective,
-                                  baseline="full"))
+                                  baseline="full", epochs=full_epochs))
         elif name == "teacher":
             state, kind, arch, _ = load_weights(source.teacher_file)
             if kind != "resnet":
@@ -212,6 +215,7 @@ def run_evaluate(
     command: list[str] | None = None,
     dist: Ranks | None = None,
     budgets: list[int] | None = None,
+    full_epochs: int | None = None,
 ) -> dict:
     """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md,png} into ``out``.
 
@@ -221,6 +225,10 @@ def run_evaluate(
     ``budgets`` (``--pretrain-steps``): every KD-trained method is also probed after each of
     these numbers of SGD steps (``ddkd.eval.budget``); the full-data KD baseline is added, and
     results.md gains the budget tables and each set's worth, budget.png the curves.
+
+    ``full_epochs`` (``--full-epochs``): the full-data KD baseline's epochs instead of
+    ``epochs``. On a whole split, 20 epochs are thousands of steps, far past any set's budget
+    curve, and the costliest job of the evaluation; its row then says its epochs.
 
     Every finished encoder's rows are appended to ``out/jobs.jsonl`` at once, so that a rerun
     of the same evaluation (same configuration and set files) redoes none of them.
@@ -243,6 +251,9 @@ def run_evaluate(
         raise ConfigError(f"--arch {','.join(bad_archs)!r} is unknown; valid: {', '.join(ARCHS)}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if full_epochs is not None and (isinstance(full_epochs, bool) or full_epochs < 1):
+        raise ConfigError(f"--full-epochs must be a whole number of epochs >= 1, got "
+                          f"{full_epochs!r}")
     loaded = [(path, load_synthset(path)) for path in sets]
     if not loaded and not baselines:
         raise ConfigError("nothing to evaluate: give a synthetic set and/or --baselines")
@@ -281,7 +292,11 @@ def run_evaluate(
         source = (from_run(run_dir) if run_dir is not None else
                   from_shipped_teacher(loaded[0][1], loaded[0][0], data_root, device)
                   if shipped else None)
-    methods += _baselines(baselines, source, size or 0, shape, [s for _, s in loaded], device)
+    if full_epochs is not None and "full" not in baselines:
+        raise ConfigError("--full-epochs sets the full-data KD baseline's epochs, but it is not "
+                          "evaluated: add full to --baselines (or give --pretrain-steps)")
+    methods += _baselines(baselines, source, size or 0, shape, [s for _, s in loaded], device,
+                          full_epochs)
     if downstream is None:
         source = loaded[0][1].provenance.get("source_dataset") if loaded else \
             open_run(run_dir).teach_config["data"]["dataset"]
@@ -302,6 +317,8 @@ def run_evaluate(
     config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
               "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
               "epochs": epochs, "stratified": stratified, "pretrain_steps": budgets}
+    if full_epochs is not None:  # only when given: journals of earlier evaluations stay valid
+        config["full_epochs"] = full_epochs
 
     # The teacher is one fixed network: one row, whatever --arch says (seeds vary the labels).
     jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in methods
@@ -403,7 +420,8 @@ def _job_rows(plan: _JobPlan, method: Method, arch: str, seed: int) -> list[dict
     images, targets = method.data(seed)
     encoder = _fresh_encoder(method, arch, seed, plan.shape, plan.student, targets)
     encoder = encoder.to(plan.device)
-    own = plan.epochs * steps_per_epoch(len(images), 256, encoder)
+    epochs = method.epochs or plan.epochs
+    own = epochs * steps_per_epoch(len(images), 256, encoder)
     marks = set(plan.budgets) | {own}
     rows: list[dict] = []
     clock = {"train": 0.0, "since": time.perf_counter()}
@@ -423,7 +441,7 @@ def _job_rows(plan: _JobPlan, method: Method, arch: str, seed: int) -> list[dict
                       seed, steps=max(marks), on_step=at_step, loss_fn=loss_fn)
     for r in rows:  # the standard recipe's last epoch is epoch ``epochs`` of the longer run
         if r["standard"]:
-            r["pretrain_final_loss"] = losses[plan.epochs - 1]
+            r["pretrain_final_loss"] = losses[epochs - 1]
     return rows
 
 

@@ -311,8 +311,10 @@ def run_evaluate(
                                               stratified)
                 for task, (train, _) in tasks.items() for f in fractions
                 for seed in range(seeds)}
-    needed = {task: torch.unique(torch.cat([idx for (t, _, _), idx in labelled.items()
-                                            if t == task])) for task in tasks}
+    # An encoder of seed s is probed with seed s's labels only: its features of those images.
+    needed = {(task, seed): torch.unique(torch.cat([idx for (t, _, s), idx in labelled.items()
+                                                    if t == task and s == seed]))
+              for task in tasks for seed in range(seeds)}
     student = loaded[0][1].provenance.get("student") if loaded else None
     config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
               "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
@@ -393,7 +395,7 @@ class _JobPlan:
 
     tasks: dict[str, tuple[ImageTensors, ImageTensors]]
     labelled: dict[tuple[str, float, int], torch.Tensor]
-    needed: dict[str, torch.Tensor]
+    needed: dict[tuple[str, int], torch.Tensor]  # (task, seed): the labelled images, sorted
     fractions: list[float]
     probe: str
     shape: tuple[int, int, int]
@@ -454,7 +456,7 @@ def _probe_rows(plan: _JobPlan, encoder: torch.nn.Module, method: Method, seed: 
 
     rows = []
     for task, (train, test) in plan.tasks.items():
-        needed = plan.needed[task]
+        needed = plan.needed[(task, seed)]
         f_needed = _features(encoder, train.images[needed], to_space, plan.device)
         f_test = _features(encoder, test.images, to_space, plan.device)
         for fraction in plan.fractions:

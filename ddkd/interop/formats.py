@@ -108,6 +108,26 @@ def resolve_files(fmt: str, paths: list[Path], iteration: str | None
                   ) -> tuple[dict[str, Path], str, list[str]]:
     """PATHs (folders holding the files, or the files themselves) -> ({role: file}, the tag
     chosen, every tag with a complete set)."""
+    found, seen = _files_by_tag(fmt, paths)
+    complete = sorted((t for t, roles in found.items() if {"images", "targets"} <= set(roles)),
+                      key=_tag_order)
+    where = ", ".join(str(p) for p in paths)
+    tag = _chosen_tag(fmt, complete, iteration, where, seen)
+    if "lr" not in found[tag] and fmt != "krr-st":
+        # MKDT and MTT both save images_{it}.pt / labels_{it}.pt: the step size's name tells
+        # the two layouts apart
+        theirs = {"mkdt": (f"lr_{tag}.pt", "mtt"), "mtt": (f"synlr_{tag}.pt", "mkdt"),
+                  "datm": (f"synlr_{tag}.pt", "mkdt")}[fmt]
+        if theirs[0] in seen:
+            raise FileFormatError(f"{where}: {theirs[0]} beside images_{tag}.pt is the step size "
+                                  f"of the {theirs[1]} layout, not {fmt}'s: use `ddkd import "
+                                  f"{theirs[1]}`")
+    return found[tag], tag, complete
+
+
+def _files_by_tag(fmt: str, paths: list[Path]
+                  ) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """``({tag: {role: file}}, every file name seen)`` of the layout ``fmt`` in PATHs."""
     layout = LAYOUTS[fmt]
     found: dict[str, dict[str, Path]] = {}
     seen: list[str] = []
@@ -134,40 +154,33 @@ def resolve_files(fmt: str, paths: list[Path], iteration: str | None
             if previous is not None and previous.resolve() != file.resolve():
                 raise FileFormatError(f"two {kind} files for the same set: {previous} and {file}")
             found[tag][kind] = file
-    complete = sorted((t for t, roles in found.items() if {"images", "targets"} <= set(roles)),
-                      key=_tag_order)
-    where = ", ".join(str(p) for p in paths)
+    return found, seen
+
+
+def _chosen_tag(fmt: str, complete: list[str], iteration: str | None, where: str,
+                seen: list[str]) -> str:
+    """The set to import among the ``complete`` ones: ``--iteration``'s, or the published
+    codes' preferred one (MTT/DATM's best, otherwise the last iteration)."""
     if iteration is not None:
         tag = "" if (fmt == "krr-st" and iteration in ("", "none")) else str(iteration)
         if tag not in complete:
             have = ", ".join(t or "(no suffix)" for t in complete) or "none"
             raise FileFormatError(f"{where}: no complete {fmt} set for --iteration {iteration} "
                                   f"(images and targets of: {have})")
-    elif not complete:
+        return tag
+    if not complete:
         others = _other_layouts(fmt, seen)
         hint = (f"; they are files of the {others[0]} layout: use `ddkd import {others[0]}`"
                 if others else "")
         listing = (", ".join(seen[:6]) + (", ..." if len(seen) > 6 else "")
                    if seen else "no .pt files")
-        raise FileFormatError(f"{where} holds no {fmt} set ({layout.shown}): found {listing}"
-                              f"{hint}")
-    elif fmt == "krr-st" and len(complete) > 1:
+        raise FileFormatError(f"{where} holds no {fmt} set ({LAYOUTS[fmt].shown}): found "
+                              f"{listing}{hint}")
+    if fmt == "krr-st" and len(complete) > 1:
         raise FileFormatError(f"{where} holds both x_syn.pt/y_syn.pt and x_syn_final.pt/"
                               "y_syn_final.pt: name the two files to import, or pass "
                               "--iteration final (or --iteration none)")
-    else:
-        # the published codes' preferred set: MTT/DATM's best, otherwise the last iteration
-        tag = "best" if "best" in complete else complete[-1]
-    if "lr" not in found[tag] and fmt != "krr-st":
-        # MKDT and MTT both save images_{it}.pt / labels_{it}.pt: the step size's name tells
-        # the two layouts apart
-        theirs = {"mkdt": (f"lr_{tag}.pt", "mtt"), "mtt": (f"synlr_{tag}.pt", "mkdt"),
-                  "datm": (f"synlr_{tag}.pt", "mkdt")}[fmt]
-        if theirs[0] in seen:
-            raise FileFormatError(f"{where}: {theirs[0]} beside images_{tag}.pt is the step size "
-                                  f"of the {theirs[1]} layout, not {fmt}'s: use `ddkd import "
-                                  f"{theirs[1]}`")
-    return found[tag], tag, complete
+    return "best" if "best" in complete else complete[-1]
 
 
 def _tag_order(tag: str) -> tuple[int, int]:

@@ -244,15 +244,7 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        given = [n for n in ("ipc", "size", "fraction") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ConfigError(f"give only one of --ipc, --size, --fraction (got {given})")
-        if self.ipc is not None and self.ipc < 1:
-            raise ConfigError(f"ipc must be >= 1, got {self.ipc}", key="ipc")
-        if self.size is not None and self.size < 1:
-            raise ConfigError(f"size must be >= 1, got {self.size}", key="size")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
+        self._check_size()
         for name in ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn",
                      "segments"):
             if getattr(self, name) < 1:
@@ -274,6 +266,17 @@ class SynthConfig:
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
+    def _check_size(self) -> None:
+        given = [n for n in ("ipc", "size", "fraction") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of --ipc, --size, --fraction (got {given})")
+        if self.ipc is not None and self.ipc < 1:
+            raise ConfigError(f"ipc must be >= 1, got {self.ipc}", key="ipc")
+        if self.size is not None and self.size < 1:
+            raise ConfigError(f"size must be >= 1, got {self.size}", key="size")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
+
     def num_images(self, num_classes: int, num_train: int) -> int:
         if self.ipc is not None:
             n = self.ipc * num_classes
@@ -287,6 +290,59 @@ class SynthConfig:
             raise ConfigError(f"the synthetic set would have {n} images but the run has only "
                               f"{num_train} training images to initialise it from")
         return n
+
+
+#: the baselines of ``ddkd evaluate`` (ddkd.eval.runner builds them)
+BASELINES = ("none", "random", "high-loss", "ssl-random", "full", "teacher")
+DEFAULT_BASELINES = ("none", "random", "high-loss", "ssl-random", "teacher")
+PROBES = ("lbfgs", "sgd", "knn")  # ddkd.eval.probe, ddkd.probes
+EVAL_ARCHS = ("convnet", "resnet10", "resnet18")  # the encoders of ddkd.eval.pretrain
+EVAL_FLAGS = {"baselines": "--baselines", "downstream": "--downstream",
+              "fractions": "--fractions", "seeds": "--seeds", "archs": "--arch",
+              "probe": "--probe", "epochs": "--epochs", "pretrain_steps": "--pretrain-steps",
+              "stratified": "--uniform", "data_root": "--data-root"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How ``ddkd evaluate`` pre-trains and probes (MKDT, section 5): every (method,
+    architecture, seed) encoder is pre-trained ``epochs`` epochs and probed at every label
+    ``fraction`` of every ``downstream`` task."""
+
+    # None: every baseline but the costly full-data one (only none when the set's teach run
+    # is not available)
+    baselines: tuple[str, ...] | None = None
+    downstream: tuple[str, ...] | None = None  # None: the sets' source dataset
+    data_root: str | None = None  # folder holding the downstream datasets
+    fractions: tuple[float, ...] = (0.001, 0.01, 0.05, 0.1)
+    seeds: int = 3
+    archs: tuple[str, ...] = ("convnet",)
+    probe: str = "lbfgs"
+    epochs: int = 20
+    stratified: bool = True  # class-stratified labels (False: uniform, as MKDT drew them)
+    # also probe every KD-trained method after each of these numbers of SGD steps
+    pretrain_steps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.baselines or () if b not in BASELINES]
+        if unknown:
+            raise ConfigError(f"baselines: unknown {unknown}; valid: {', '.join(BASELINES)}",
+                              key="baselines")
+        _one_of("probe", self.probe, PROBES)
+        bad_archs = [a for a in self.archs if a not in EVAL_ARCHS]
+        if bad_archs or not self.archs:
+            raise ConfigError(f"archs {','.join(bad_archs)!r} is unknown; valid: "
+                              f"{', '.join(EVAL_ARCHS)}", key="archs")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}", key="seeds")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}", key="epochs")
+        for b in self.pretrain_steps or ():
+            if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                raise ConfigError(f"pretrain_steps: every budget must be a whole number of SGD "
+                                  f"steps >= 1, got {b!r}", key="pretrain_steps")
+        if self.pretrain_steps is not None:  # sorted, once each
+            object.__setattr__(self, "pretrain_steps", tuple(sorted(set(self.pretrain_steps))))
 
 
 # --- building from recipes and overrides ---------------------------------------------------
@@ -303,34 +359,46 @@ def to_json(config: Any) -> str:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Coerce ``value`` (from TOML or a ``--set`` string) to the field type ``annotation``."""
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:  # tuple[X, ...]: a TOML list or "a,b,c"
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where} = {value!r} is not a list", key=where)
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], where)
+                     for v in items if not (isinstance(v, str) and not v.strip()))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        inner = [a for a in args if a is not type(None)]
+        # (a list's "none" or "" is a value: the baseline none, the empty list)
+        nulls = ("null",) if typing.get_origin(inner[0]) is tuple else ("none", "null", "")
+        if value is None or (isinstance(value, str) and value.lower() in nulls):
             if type(None) in args:
                 return None
-        inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(value)
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return str(value)
+        return _coerce_scalar(value, annotation)
     except (TypeError, ValueError) as err:
         raise ConfigError(
             f"{where} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}",
             key=where,
         ) from err
+
+
+def _coerce_scalar(value: Any, annotation: Any) -> Any:
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(value)
+    if annotation is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if annotation is float:
+        return float(value)
+    if annotation is str:
+        return str(value)
     return value
 
 

@@ -11,6 +11,7 @@ from conftest import TINY_TEACH as TEACH
 from conftest import write_imagefolder
 from ddkd.cli import main
 from ddkd.io.synthset import load_synthset
+from ddkd.synth.matching import MetaGradient
 
 SYN_BASE = ["--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
        "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
@@ -202,7 +203,7 @@ def test_nan_and_exploding_step_size_stop_with_the_checkpoint_kept(tiny_run, tmp
         nan_at_third.calls += 1
         mg = original(*args, **kwargs)
         if nan_at_third.calls == 3:
-            return runner.MetaGradient(torch.tensor(float("nan")), mg.grad_x, mg.grad_y,
+            return MetaGradient(torch.tensor(float("nan")), mg.grad_x, mg.grad_y,
                                        mg.grad_alpha)
         return mg
 

@@ -24,6 +24,7 @@ from conftest import TINY_TEACH, write_imagefolder
 from ddkd.cli import main
 from ddkd.errors import FileFormatError
 from ddkd.io.synthset import SynthSet, load_synthset, save_synthset
+from ddkd.synth.matching import MetaGradient
 
 SYN = ["--ipc", "2", "--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
        "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
@@ -574,7 +575,7 @@ def test_the_guard_still_stops_a_step_size_that_leaves_its_band(made, tmp_path, 
     from ddkd.synth import runner
 
     def drift(model, spec, segment, x, y, alpha, *args, **kwargs):
-        return runner.MetaGradient(torch.tensor(1.0), torch.zeros_like(x), torch.zeros_like(y),
+        return MetaGradient(torch.tensor(1.0), torch.zeros_like(x), torch.zeros_like(y),
                                    torch.tensor(1e6))
 
     monkeypatch.setattr(runner, "meta_gradient", drift)

@@ -117,6 +117,19 @@ def cmd_teach(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deprecated_expert_epochs(args: argparse.Namespace) -> None:
+    """``synthesize --expert-epochs M`` (before --matched-epochs): the same, with a warning."""
+    if args.old_expert_epochs is None:
+        return
+    if args.expert_epochs is not None and args.expert_epochs != args.old_expert_epochs:
+        raise ConfigError(f"--matched-epochs {args.expert_epochs} and --expert-epochs "
+                          f"{args.old_expert_epochs} say two things: give --matched-epochs only")
+    logging.getLogger(__name__).warning(
+        "ddkd synthesize: --expert-epochs is deprecated here (in teach it is the epochs each "
+        "expert trains); use --matched-epochs")
+    args.expert_epochs = args.old_expert_epochs
+
+
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from ddkd.config import (
         SYNTH_FLAGS,
@@ -130,6 +143,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.synth.runner import run_synthesize
 
+    _deprecated_expert_epochs(args)
     recipe = recipe_path(args.recipe) if args.recipe else _run_recipe(args.run)
     values = stage_values(recipe, "synthesize") if recipe is not None else {}
     flags = {name: getattr(args, name) for name in (
@@ -372,7 +386,7 @@ def _print_teach_summary(summary: dict) -> None:
 
 
 def _version() -> str:
-    from ddkd import __version__
+    from ddkd.version import __version__
 
     return __version__
 
@@ -463,7 +477,11 @@ def _add_synthesize(sub) -> None:
     size.add_argument("--fraction", type=float, help="fraction of the run's training images")
     syn.add_argument("--iterations", type=int, help="outer iterations")
     syn.add_argument("--syn-steps", type=int, help="N: inner SGD steps per iteration")
-    syn.add_argument("--expert-epochs", type=int, help="M: expert epochs matched by N steps")
+    syn.add_argument("--matched-epochs", type=int, dest="expert_epochs",
+                     help="M: expert epochs matched by N steps (MTT's expert_epochs)")
+    # the old spelling, which in teach means the epochs each expert trains: still read here
+    syn.add_argument("--expert-epochs", type=int, dest="old_expert_epochs",
+                     help=argparse.SUPPRESS)
     syn.add_argument("--max-start-epoch", type=int, help="T+: start epochs drawn from [0, T+)")
     syn.add_argument("--lr-img", type=float, help="learning rate of the images")
     syn.add_argument("--lr-lr", type=float, help="learning rate of the step size")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -19,7 +20,21 @@ from typing import Any
 
 from ddkd.errors import ConfigError
 
+# The names a configuration may hold. The modules above build from them (the dataset table of
+# ddkd.data.datasets, lightly's methods in ddkd.ssl_training, the objectives of
+# ddkd.objectives; tests/test_config.py checks that each table has exactly these names):
+# config.py, the bottom layer, validates without importing them.
 PRECISIONS = ("fp32", "bf16")  # the students' arithmetic: see ddkd.runtime.autocast_dtype
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet",
+                 "cifar10-samples", "cifar100-samples", "imagefolder:PATH")
+SSL_METHODS = ("barlowtwins", "simclr", "byol", "vicreg")
+OBJECTIVE_NAMES = ("mse", "kdep", "tcs", "ssld", "skd")
+TEACHER_ARCHS = ("resnet10", "resnet18", "resnet34")
+
+
+def is_dataset_name(name: str) -> bool:
+    """A name of DATASET_NAMES, or ``imagefolder:PATH`` with a path."""
+    return name in DATASET_NAMES[:-1] or bool(re.match(r"^imagefolder:.+", name))
 
 
 # The named command-line flag of each setting that has one. Messages about a setting name its
@@ -33,9 +48,12 @@ FLAGS = {
     "seed": "--seed",
 }
 SYNTH_FLAGS = {name: f"--{name.replace('_', '-')}" for name in (
-    "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
+    "ipc", "size", "fraction", "iterations", "syn_steps", "max_start_epoch",
     "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "precision",
     "seed", "segments", "zca")}
+# M keeps MTT's name expert_epochs in recipes and --set; its flag is --matched-epochs, since
+# teach's --expert-epochs is the epochs each expert trains
+SYNTH_FLAGS["expert_epochs"] = "--matched-epochs"
 
 
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -61,9 +79,7 @@ class DataConfig:
     zca_eps: float = 0.1
 
     def __post_init__(self) -> None:
-        from ddkd.data.datasets import DATASET_NAMES, is_valid_name
-
-        if not is_valid_name(self.dataset):
+        if not is_dataset_name(self.dataset):
             raise ConfigError(
                 f"data.dataset {self.dataset!r} is unknown; valid: {', '.join(DATASET_NAMES)}",
                 key="data.dataset")
@@ -94,8 +110,6 @@ class TeacherConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        from ddkd.ssl_training import SSL_METHODS
-
         if self.source not in ("shipped", "train", "checkpoint"):
             raise ConfigError(
                 f"teacher.source must be shipped, train or checkpoint, got {self.source!r}"
@@ -105,8 +119,8 @@ class TeacherConfig:
         if self.ssl not in SSL_METHODS:
             raise ConfigError(f"teacher.ssl {self.ssl!r} is unknown; valid: "
                               f"{', '.join(SSL_METHODS)}", key="teacher.ssl")
-        if self.arch not in ("resnet10", "resnet18", "resnet34"):
-            raise ConfigError(f"teacher.arch {self.arch!r}; valid: resnet10, resnet18, resnet34")
+        if self.arch not in TEACHER_ARCHS:
+            raise ConfigError(f"teacher.arch {self.arch!r}; valid: {', '.join(TEACHER_ARCHS)}")
         for name in ("base_width", "epochs", "batch_size", "lr", "proj_dim", "knn_k"):
             _positive(f"teacher.{name}", getattr(self, name))
         if self.weight_decay < 0:
@@ -177,11 +191,9 @@ class ExpertConfig:
             raise ConfigError(f"experts.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"experts.weight_decay must be >= 0, got {self.weight_decay}")
-        from ddkd.objectives import OBJECTIVES
-
-        if self.objective not in OBJECTIVES:
+        if self.objective not in OBJECTIVE_NAMES:
             raise ConfigError(f"experts.objective {self.objective!r} is unknown; valid: "
-                              f"{', '.join(OBJECTIVES)}", key="experts.objective")
+                              f"{', '.join(OBJECTIVE_NAMES)}", key="experts.objective")
         _one_of("experts.target_norm", self.target_norm, ("none", "standardize"))
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")

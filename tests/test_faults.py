@@ -26,7 +26,7 @@ from ddkd.errors import FileFormatError
 from ddkd.io.synthset import SynthSet, load_synthset, save_synthset
 from ddkd.synth.matching import MetaGradient
 
-SYN = ["--ipc", "2", "--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
+SYN = ["--ipc", "2", "--iterations", "4", "--syn-steps", "2", "--matched-epochs", "1",
        "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
 SHIPPED_SET = Path(__file__).resolve().parent.parent / "synth_sets" / \
     "fashion-mnist_ipc10_default.h5"
@@ -561,7 +561,7 @@ def test_mkdt_inner_steps_on_the_tiny_run_complete(made, tmp_path, capsys):
     of log(alpha) of 0.3-1.4 per iteration, the bound keeps them at 0.1."""
     out = tmp_path / "n40.h5"
     assert main(["synthesize", "--run", str(made["run"]), "--out", str(out), "--ipc", "2",
-                 "--syn-steps", "40", "--lr-img", "1", "--expert-epochs", "1",
+                 "--syn-steps", "40", "--lr-img", "1", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--iterations", "2", "--no-progress"]) == 0
     s = load_synthset(out)
     assert s.lr == pytest.approx(0.1 * math.exp(-0.2), rel=1e-4)  # bounded twice, downwards

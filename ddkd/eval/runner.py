@@ -48,13 +48,19 @@ from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet, ResNetConfig
 from ddkd.objectives import Objective, restore_objective
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
+from ddkd.runtime import (
+    Ranks,
+    Stream,
+    environment_record,
+    global_rng_from,
+    make_generator,
+    sha256_file,
+)
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.subsets import high_loss_indices
 
 log = logging.getLogger(__name__)
 
-_STREAM_RANDOM_SUBSET, _STREAM_SSL_HEAD = 90, 91
 _BASELINE_LR = 0.1  # MKDT's learning rate for every baseline trained on real images
 
 
@@ -80,7 +86,7 @@ class Method:
             return self.images, self.targets
         # One stream for every random-subset method: "random + KD" and "random + SSL" of a
         # seed see the same images, so the two rows differ only in the objective.
-        gen = make_generator(seed, _STREAM_RANDOM_SUBSET)
+        gen = make_generator(seed, Stream.RANDOM_SUBSET)
         idx = torch.randperm(len(self.images), generator=gen)[: self.subset_size]
         return self.images[idx], None if self.targets is None else self.targets[idx]
 
@@ -606,9 +612,7 @@ def _pretrain_ssl(encoder, method: Method, images: torch.Tensor, seed: int, shap
     schedule = SSLSchedule(epochs=epochs, batch_size=256, lr=_BASELINE_LR, weight_decay=1e-4)
     # The projection head is initialised from the global RNG: fix it by the seed, or the row
     # would depend on what ran before it in the process.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        head_gen = make_generator(seed, _STREAM_SSL_HEAD)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=head_gen)))
+    with global_rng_from(make_generator(seed, Stream.SSL_HEAD), device):
         trainer = SSLTrainer(backbone, feature_dim, method.ssl, schedule, method.space, shape,
                              device, seed, proj_dim=method.proj_dim)
     loss = None

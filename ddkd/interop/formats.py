@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ddkd.config import DATASET_NAMES, is_dataset_name
 from ddkd.errors import ConfigError, FileFormatError
 from ddkd.interop import published
 from ddkd.interop.torchfiles import load_tensor
@@ -281,12 +282,9 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"--lr must be a positive number, got {lr}")
-    if dataset is not None:
-        from ddkd.data.datasets import DATASET_NAMES, is_valid_name
-
-        if not is_valid_name(dataset):
-            raise ConfigError(f"--dataset {dataset!r} is unknown; valid: "
-                              f"{', '.join(DATASET_NAMES)}")
+    if dataset is not None and not is_dataset_name(dataset):
+        raise ConfigError(f"--dataset {dataset!r} is unknown; valid: "
+                          f"{', '.join(DATASET_NAMES)}")
     paths = [Path(p) for p in paths]
     if fmt in ("npz", "safetensors"):
         synth, files = _read_export(fmt, paths, dataset, normalization, lr, zca, iteration)
@@ -296,15 +294,7 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         return _summary(out, synth, {"lr": "the export", "normalization": "the export"})
 
     files, tag, tags = resolve_files(fmt, paths, iteration)
-    images = load_tensor(files["images"], f"the images of a {fmt} set")
-    if images.ndim != 4 or not images.is_floating_point():
-        raise FileFormatError(f"{files['images'].name} holds a {images.ndim}-d "
-                              f"{str(images.dtype).removeprefix('torch.')} tensor "
-                              f"{tuple(images.shape)}; the {fmt} layout has (n, C, H, W) float "
-                              "images there")
-    images = images.float().contiguous()
-    if not bool(torch.isfinite(images).all()):
-        raise FileFormatError(f"{files['images'].name} holds NaN or infinite pixels")
+    images = _read_images(fmt, files["images"])
     n, c, h, w = images.shape
     targets = read_targets(fmt, files["targets"], load_tensor(files["targets"], "targets"), n,
                            dataset)
@@ -319,7 +309,43 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         normalization = "none"
     norm, norm_source = published.resolve_normalization(normalization, code, dataset, h, c)
     whitening = _fit_zca(dataset, data_root, (c, h, w)) if zca else None
-    provenance = {
+    provenance = _provenance(fmt, files, tag, targets, lr_source, norm_source, zca, dataset,
+                             h, command)
+    synth = SynthSet(
+        images=images, targets=targets.values, lr=step,
+        mean=torch.tensor(norm.mean, dtype=torch.float64),
+        std=torch.tensor(norm.std, dtype=torch.float64),
+        objective=targets.objective, provenance=provenance,
+        config={"import": {"format": fmt, "dataset": dataset, "normalization": normalization,
+                           "lr": lr, "zca": zca, "iteration": iteration}},
+        init_indices=torch.full((n,), -1, dtype=torch.int64),
+        zca=whitening,
+    )
+    save_synthset(out, synth)
+    return _summary(out, synth, {"lr": lr_source, "normalization": norm_source,
+                                 "targets": targets.kind, "iteration": tag,
+                                 "iterations": tags})
+
+
+def _read_images(fmt: str, path: Path) -> torch.Tensor:
+    """The ``(n, C, H, W)`` float32 images of a published set's file, checked."""
+    images = load_tensor(path, f"the images of a {fmt} set")
+    if images.ndim != 4 or not images.is_floating_point():
+        raise FileFormatError(f"{path.name} holds a {images.ndim}-d "
+                              f"{str(images.dtype).removeprefix('torch.')} tensor "
+                              f"{tuple(images.shape)}; the {fmt} layout has (n, C, H, W) float "
+                              "images there")
+    images = images.float().contiguous()
+    if not bool(torch.isfinite(images).all()):
+        raise FileFormatError(f"{path.name} holds NaN or infinite pixels")
+    return images
+
+
+def _provenance(fmt: str, files: dict[str, Path], tag: str, targets, lr_source: str,
+                norm_source: str, zca: bool, dataset: str | None, h: int,
+                command: list[str] | None) -> dict:
+    """What an imported set records of where it comes from."""
+    return {
         "imported": {
             **_files_record(fmt, list(files.values()), roles=files),
             "code": _REPO[fmt],
@@ -339,20 +365,6 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         "student": {"depth": published.student_depth(h), "width": 128, "norm": "instancenorm"},
         "environment": _environment(command),
     }
-    synth = SynthSet(
-        images=images, targets=targets.values, lr=step,
-        mean=torch.tensor(norm.mean, dtype=torch.float64),
-        std=torch.tensor(norm.std, dtype=torch.float64),
-        objective=targets.objective, provenance=provenance,
-        config={"import": {"format": fmt, "dataset": dataset, "normalization": normalization,
-                           "lr": lr, "zca": zca, "iteration": iteration}},
-        init_indices=torch.full((n,), -1, dtype=torch.int64),
-        zca=whitening,
-    )
-    save_synthset(out, synth)
-    return _summary(out, synth, {"lr": lr_source, "normalization": norm_source,
-                                 "targets": targets.kind, "iteration": tag,
-                                 "iterations": tags})
 
 
 def _read_export(fmt: str, paths: list[Path], dataset, normalization, lr, zca, iteration):

@@ -29,7 +29,14 @@ from ddkd.io.synthset import SynthSet
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.objectives import Objective
-from ddkd.runtime import Ranks, autocast_dtype, environment_record, make_generator, sha256_file
+from ddkd.runtime import (
+    Ranks,
+    Stream,
+    autocast_dtype,
+    environment_record,
+    make_generator,
+    sha256_file,
+)
 from ddkd.subsets import high_loss_indices, random_indices
 from ddkd.synth.augment import DSA
 from ddkd.synth.matching import (
@@ -45,7 +52,6 @@ from ddkd.synth.matching import (
 
 log = logging.getLogger(__name__)
 
-_STREAM_INIT, _STREAM_ITERATION = 40, 41
 
 
 def default_out(dataset: str, config: SynthConfig, n: int) -> Path:
@@ -59,7 +65,7 @@ def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iterat
     """Segment ``j`` of one outer iteration: expert, start epoch and inner batches, seeded by
     ``(iteration, j)`` (segment 0 by the iteration alone, as with one segment)."""
     streams = (iteration,) if j == 0 else (iteration, j)
-    gen = make_generator(config.seed, _STREAM_ITERATION, *streams)
+    gen = make_generator(config.seed, Stream.SYNTH_ITERATION, *streams)
     k = int(torch.randint(len(experts), (1,), generator=gen))
     t = int(torch.randint(config.max_start_epoch, (1,), generator=gen))
     batches = sample_batches(n_syn, config.syn_steps, config.batch_syn, gen)
@@ -72,7 +78,6 @@ def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iterat
     )
 
 
-_STREAM_PROBE = 42
 
 
 def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, x: torch.Tensor,
@@ -86,7 +91,7 @@ def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, 
     losses = []
     for k in range(len(experts)):
         for t in range(config.max_start_epoch):
-            gen = make_generator(config.seed, _STREAM_PROBE, k, t)
+            gen = make_generator(config.seed, Stream.SYNTH_PROBE, k, t)
             batches = sample_batches(len(x), config.syn_steps, config.batch_syn, gen)
             theta_start = experts.snapshot(k, t).to(device)
             theta_target = experts.snapshot(k, t + config.expert_epochs).to(device)
@@ -269,7 +274,7 @@ def prepare(config: SynthConfig, opened: OpenedRun, experts: ExpertsFile,
     last_needed = config.max_start_epoch - 1 + config.expert_epochs
     if last_needed > header.epochs:
         raise ConfigError(
-            f"--max-start-epoch {config.max_start_epoch} with --expert-epochs "
+            f"--max-start-epoch {config.max_start_epoch} with --matched-epochs "
             f"{config.expert_epochs} needs snapshots up to epoch {last_needed}, beyond the "
             f"recorded trajectories ({header.epochs} epochs in {opened.run.experts}); lower "
             "them or record longer experts"
@@ -324,7 +329,7 @@ def initial_state(plan: _Plan) -> _State:
                                  plan.objective.per_example_loss)
     else:
         init = random_indices(len(x_real), plan.n, make_generator(plan.config.seed,
-                                                                   _STREAM_INIT))
+                                                                   Stream.SYNTH_INIT))
     state = _State(x_real[init.to(device)], z_real[init.to(device)], plan.alpha0, plan.config)
     state.init_indices = init
     return state

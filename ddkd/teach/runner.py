@@ -39,12 +39,13 @@ from ddkd.io.weights import load_weights, save_weights
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet
-from ddkd.objectives import OBJECTIVES, Objective, build_objective, student_output
+from ddkd.objectives import OBJECTIVES, Objective, objective_from_config, student_output
 from ddkd.objectives.mse import MSEObjective
 from ddkd.objectives.skd import SKDObjective, teacher_stage_modules
 from ddkd.probes import extract_features, knn_accuracy
 from ddkd.runtime import (
     Ranks,
+    Stream,
     autocast_dtype,
     environment_record,
     global_cpu_rng_from,
@@ -66,7 +67,6 @@ from ddkd.teach.targets import compute_targets
 
 log = logging.getLogger(__name__)
 
-_STREAM_RANDOM_NET, _STREAM_TEACHER_INIT, _STREAM_OBJECTIVE = 30, 31, 32
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool) -> tqdm:
@@ -105,7 +105,7 @@ def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
     fitted = Normalization.fit(train.images)
     if tc.source == "train":
         rc = sources.resnet_config(tc, channels)
-        gen = make_generator(config.seed, _STREAM_TEACHER_INIT)
+        gen = make_generator(config.seed, Stream.TEACHER_INIT)
         with global_cpu_rng_from(gen):
             net = ResNet(rc)
         return _Teacher(net, {"kind": "resnet", **asdict(rc)}, {}, fitted, None, rc.feature_dim)
@@ -286,7 +286,7 @@ def _fit_and_save_targets(plan: _Plan, run: RunDir, z_train: torch.Tensor) -> No
     config, teacher, train, objective = plan.config, plan.teacher, plan.train, plan.objective
     zca = (ZCA.fit(teacher.normalize(train.images), config.data.zca_eps)
            if config.data.zca else None)
-    objective.fit(z_train, make_generator(config.seed, _STREAM_OBJECTIVE))
+    objective.fit(z_train, make_generator(config.seed, Stream.OBJECTIVE_FIT))
     if plan.stagewise:  # the block stages' normalisers
         fit_skd_stages(objective, teacher.net, student_config(config, train.shape, 1),
                        teacher.normalize(train.images.to(plan.device)))
@@ -375,7 +375,7 @@ def _knn_report(config: TeachConfig, teacher: _Teacher, train: ImageTensors,
     if teacher.arch["kind"] == "factory":
         random_net = sources.build_from_factory(teacher.arch["factory"])
     else:
-        gen = make_generator(config.seed, _STREAM_RANDOM_NET)
+        gen = make_generator(config.seed, Stream.RANDOM_NET)
         with global_cpu_rng_from(gen):
             random_net = type(teacher.net)(teacher.net.config)
     # As initialised (running stats 0/1): re-estimating them on data gives random features
@@ -426,26 +426,17 @@ def _expert_fit(objective: Objective, z_train: torch.Tensor, losses: list[float]
 def _objective(config: TeachConfig, teacher: _Teacher, num_train: int) -> Objective:
     """The experts' KD objective, unfitted (checked against the teacher and the data before
     anything is written)."""
-    name, anchors, teacher_dim = config.experts.objective, config.experts.anchors, teacher.dim
-    standardizable = issubclass(OBJECTIVES[name], MSEObjective)  # mse, skd's global stage
-    if not standardizable and config.experts.target_norm != "none":
+    ec = config.experts
+    if not issubclass(OBJECTIVES[ec.objective], MSEObjective) and ec.target_norm != "none":
         log.info("experts.target_norm = %s is mse's (and skd's global stage's) option; %s "
-                 "keeps its own target scale",
-                 config.experts.target_norm, name)
-    if name == "skd":
+                 "keeps its own target scale", ec.target_norm, ec.objective)
+    if ec.objective == "skd":
         teacher_stage_modules(teacher.net)  # a teacher without stages cannot teach skd
-    if name == "kdep":
-        return build_objective(name, teacher_dim, student_width=config.student.width)
-    if name == "ssld":
-        if anchors > num_train:
-            raise ConfigError(f"ssld: experts.anchors = {anchors} k-means anchors need at least "
-                              f"as many training images, got {num_train}; lower --set "
-                              "experts.anchors")
-        return build_objective(name, teacher_dim, num_anchors=anchors)
-    if standardizable:
-        return build_objective(name, teacher_dim,
-                               standardize=config.experts.target_norm == "standardize")
-    return build_objective(name, teacher_dim)
+    if ec.objective == "ssld" and ec.anchors > num_train:
+        raise ConfigError(f"ssld: experts.anchors = {ec.anchors} k-means anchors need at least "
+                          f"as many training images, got {num_train}; lower --set "
+                          "experts.anchors")
+    return objective_from_config(ec, teacher.dim, config.student.width)
 
 
 def _record_experts(plan: _Plan, sc: ConvNetConfig, z_train: torch.Tensor, zca: ZCA | None,

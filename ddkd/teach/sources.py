@@ -20,6 +20,7 @@ from torch import nn
 from ddkd.config import TeacherConfig
 from ddkd.errors import ConfigError, DDKDError
 from ddkd.io.weights import ASSETS, SHIPPED_TEACHERS, load_weights
+from ddkd.models.registry import model_config
 from ddkd.models.resnet import ResNet, ResNetConfig
 
 
@@ -40,8 +41,7 @@ def shipped_teacher_path(dataset: str) -> Path:
 
 
 def resnet_config(config: TeacherConfig, in_channels: int) -> ResNetConfig:
-    depth = int(config.arch.removeprefix("resnet"))
-    return ResNetConfig(in_channels=in_channels, depth=depth, base_width=config.base_width)
+    return model_config(config.arch, in_channels=in_channels, base_width=config.base_width)
 
 
 def build_from_factory(spec: str) -> nn.Module:

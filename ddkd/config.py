@@ -459,7 +459,7 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} is a section; set its keys as {name}.KEY=VALUE")
-            kwargs[key] = _build(hint, value, where=f"{name}.")
+            kwargs[key] = _build(typing.cast(type, hint), value, where=f"{name}.")
         elif isinstance(value, dict):
             raise ConfigError(f"{name} is a single value, not a section")
         else:

@@ -141,7 +141,7 @@ class SSLTrainer:
                               amp_dtype=amp_dtype).to(device)
         # Several processes: DDP averages the gradients; lightly's losses gather the other
         # processes' embeddings (negatives, cross-correlation) so the batch is the global one.
-        self.step_model = self.model
+        self.step_model: nn.Module = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 

@@ -188,7 +188,8 @@ def _load_cifar(name: str, split: str, data_root: str | None) -> ImageTensors:
             f"dataset {name} is not present under --data-root {data_root}: missing "
             f"{', '.join(missing[:2])} (expected {folder}/ in the torchvision layout)"
         )
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for f in files:
         with open(f, "rb") as fh:
             try:

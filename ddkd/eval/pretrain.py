@@ -9,6 +9,7 @@ with a linear head for cross-architecture evaluation; the head is dropped for pr
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 
 import torch
@@ -59,7 +60,8 @@ def build_encoder(arch: str, shape: tuple[int, int, int], out_dim: int, seed: in
             base.update(in_channels=c, image_size=h, out_dim=out_dim)
             return ConvNet(ConvNetConfig(**{k: base[k] for k in base
                                             if k in ConvNetConfig.__dataclass_fields__}))
-        return ResNetEncoder(model_config(arch, in_channels=c, base_width=64), out_dim)
+        rc = typing.cast(ResNetConfig, model_config(arch, in_channels=c, base_width=64))
+        return ResNetEncoder(rc, out_dim)
 
 
 def steps_per_epoch(n: int, batch_size: int, encoder: nn.Module) -> int:

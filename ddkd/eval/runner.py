@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,7 +348,8 @@ def _downstream_names(config: EvalConfig, loaded: list, opened: OpenedRun | None
     """The tasks to probe on: those asked for, or the dataset the sets were distilled from."""
     if config.downstream is not None:
         return list(config.downstream)
-    source = loaded[0][1].provenance.get("source_dataset") if loaded else opened.dataset
+    source = (loaded[0][1].provenance.get("source_dataset") if loaded
+              else typing.cast(OpenedRun, opened).dataset)  # (no sets: the run is opened)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"{loaded[0][0]} does not name the dataset it was distilled from "
                           "(provenance.source_dataset): give --downstream NAME")
@@ -472,7 +474,7 @@ def _job_rows(plan: _JobPlan, method: Method, arch: str, seed: int) -> list[dict
         return _probe_rows(plan, encoder, method, seed, {
             **info, "steps": steps, "standard": True, "budget": False,
             "train_seconds": seconds, "pretrain_final_loss": loss})
-    images, targets = method.data(seed)
+    images, targets = typing.cast(tuple[torch.Tensor, torch.Tensor], method.data(seed))
     encoder = _fresh_encoder(method, arch, seed, plan.shape, plan.student, targets)
     encoder = encoder.to(plan.device)
     own = plan.epochs * steps_per_epoch(len(images), 256, encoder)
@@ -596,6 +598,7 @@ def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
     if method.ssl is not None:
         return _pretrain_ssl(encoder, method, images, seed, shape, epochs, device)
     loss_fn = method.objective.to(device).loss if method.objective is not None else None
+    targets = typing.cast(torch.Tensor, targets)  # a KD method has its targets
     losses = pretrain(encoder, images.to(device), targets.to(device), method.lr, seed,
                       epochs=epochs, loss_fn=loss_fn)
     return encoder, losses[-1]
@@ -613,7 +616,8 @@ def _pretrain_ssl(encoder, method: Method, images: torch.Tensor, seed: int, shap
     # The projection head is initialised from the global RNG: fix it by the seed, or the row
     # would depend on what ran before it in the process.
     with global_rng_from(make_generator(seed, Stream.SSL_HEAD), device):
-        trainer = SSLTrainer(backbone, feature_dim, method.ssl, schedule, method.space, shape,
+        trainer = SSLTrainer(backbone, feature_dim, typing.cast(str, method.ssl), schedule,
+                             method.space, shape,
                              device, seed, proj_dim=method.proj_dim)
     loss = None
     for _ in range(epochs):

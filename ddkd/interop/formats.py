@@ -285,15 +285,15 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
     if dataset is not None and not is_dataset_name(dataset):
         raise ConfigError(f"--dataset {dataset!r} is unknown; valid: "
                           f"{', '.join(DATASET_NAMES)}")
-    paths = [Path(p) for p in paths]
+    files_in = [Path(p) for p in paths]
     if fmt in ("npz", "safetensors"):
-        synth, files = _read_export(fmt, paths, dataset, normalization, lr, zca, iteration)
+        synth, files = _read_export(fmt, files_in, dataset, normalization, lr, zca, iteration)
         provenance = {**synth.provenance, "read_from": _files_record(fmt, files)}
         synth.provenance = provenance
         save_synthset(out, synth)
         return _summary(out, synth, {"lr": "the export", "normalization": "the export"})
 
-    files, tag, tags = resolve_files(fmt, paths, iteration)
+    files, tag, tags = resolve_files(fmt, files_in, iteration)
     images = _read_images(fmt, files["images"])
     n, c, h, w = images.shape
     targets = read_targets(fmt, files["targets"], load_tensor(files["targets"], "targets"), n,

@@ -17,6 +17,8 @@ tensor arithmetic on the normalised images, as DSA does it (kornia's colour ops 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -64,7 +66,7 @@ class DSA:
             raise ValueError(f"unknown DSA operations {sorted(unknown)}; valid: {DSA_OPS}")
         self.seed = seed
         self.ops = ops
-        self._kornia = _kornia_ops()
+        self._kornia: dict[str, Any] = _kornia_ops()
 
     def draw(self, iteration: int, step: int, shape: torch.Size,
              segment: int = 0) -> tuple[str, object]:

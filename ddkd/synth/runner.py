@@ -419,7 +419,7 @@ def _mean_meta_gradient(plan: _Plan, state: _State, mine: list[Segment], it: int
     """``(loss, grad_x, grad_y, grad_alpha)``: the mean over every segment of iteration ``it``,
     wherever it was computed (this process computes ``mine``)."""
     config, dist, dsa = plan.config, plan.dist, plan.dsa
-    total = None
+    total: list[torch.Tensor] = []
     for segment, j in zip(mine, range(dist.rank, config.segments, dist.world), strict=True):
         augment = ((lambda x, step, it=it, j=j: dsa(x, it, step, j)) if dsa is not None
                    else None)
@@ -427,8 +427,8 @@ def _mean_meta_gradient(plan: _Plan, state: _State, mine: list[Segment], it: int
                           state.alpha.to(state.x.dtype), plan.objective.loss, augment=augment,
                           amp_dtype=plan.amp_dtype)
         parts = (mg.loss.reshape(1), mg.grad_x, mg.grad_y, mg.grad_alpha.reshape(1))
-        total = list(parts) if total is None else [a + b for a, b in zip(total, parts,
-                                                                          strict=True)]
+        total = list(parts) if not total else [a + b for a, b in zip(total, parts,
+                                                                      strict=True)]
     loss_t, grad_x, grad_y, grad_alpha = (t / config.segments for t in dist.sum(total))
     return float(loss_t), grad_x, grad_y, grad_alpha
 
@@ -463,7 +463,7 @@ def finish(plan: _Plan, state: _State, probes: tuple[float, float],
         provenance=provenance,
         config=to_dict(plan.config),
         init_indices=opened.indices[state.init_indices],
-        history={"loss": losses, "lr": lrs},
+        history={"loss": losses, "lr": lrs},  # type: ignore[dict-item]
         zca=opened.zca,
     ))
     return losses

@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ class StudentLoss:
         call, so its failures get the same clear error as the forward's."""
         self._run(torch.Tensor.backward, loss)
 
-    def _run(self, fn, *args) -> torch.Tensor | None:
+    def _run(self, fn, *args) -> Any:
         try:
             return fn(*args)
         except torch._dynamo.exc.TorchDynamoException as err:  # a compiler problem, not ours

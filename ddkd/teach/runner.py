@@ -13,6 +13,7 @@ import logging
 import shutil
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,8 +93,8 @@ def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_d
 class _Teacher:
     """The resolved teacher before training: module, description, normalisation, source file."""
 
-    def __init__(self, net, arch: dict, meta: dict, normalize: Normalization, file: Path | None,
-                 dim: int):
+    def __init__(self, net: torch.nn.Module, arch: dict, meta: dict, normalize: Normalization,
+                 file: Path | None, dim: int):
         self.net, self.arch, self.meta, self.normalize, self.file = net, arch, meta, normalize, file
         self.dim = dim  # the teacher's feature dimension = the students' target dimension
 
@@ -107,7 +108,7 @@ def _resolve_teacher(config: TeachConfig, train: ImageTensors) -> _Teacher:
         rc = sources.resnet_config(tc, channels)
         gen = make_generator(config.seed, Stream.TEACHER_INIT)
         with global_cpu_rng_from(gen):
-            net = ResNet(rc)
+            net: torch.nn.Module = ResNet(rc)
         return _Teacher(net, {"kind": "resnet", **asdict(rc)}, {}, fitted, None, rc.feature_dim)
     if tc.source == "shipped":
         path = sources.shipped_teacher_path(config.data.dataset)
@@ -288,7 +289,8 @@ def _fit_and_save_targets(plan: _Plan, run: RunDir, z_train: torch.Tensor) -> No
            if config.data.zca else None)
     objective.fit(z_train, make_generator(config.seed, Stream.OBJECTIVE_FIT))
     if plan.stagewise:  # the block stages' normalisers
-        fit_skd_stages(objective, teacher.net, student_config(config, train.shape, 1),
+        fit_skd_stages(typing.cast(SKDObjective, objective), teacher.net,
+                       student_config(config, train.shape, 1),
                        teacher.normalize(train.images.to(plan.device)))
     save_targets(run.targets, z_train, plan.indices,
                  {"normalization": asdict(teacher.normalize), "teacher": teacher.arch},
@@ -339,7 +341,7 @@ def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, 
         raise ConfigError(f"teacher.batch_size {tc.batch_size} leaves fewer than 2 images per "
                           f"process on {dist.world} processes")
     trainer = SSLTrainer(
-        teacher.net, teacher.net.config.feature_dim, tc.ssl,
+        teacher.net, typing.cast(ResNet, teacher.net).config.feature_dim, tc.ssl,
         SSLSchedule(tc.epochs, tc.batch_size, tc.lr, tc.weight_decay),
         teacher.normalize, train.shape, device, config.seed, proj_dim=tc.proj_dim, dist=dist,
         amp_dtype=autocast_dtype(tc.precision, device, "teacher.precision"),
@@ -353,8 +355,11 @@ def _train_teacher(config: TeachConfig, teacher: _Teacher, train: ImageTensors, 
     bar.update(trainer.epoch * steps)
     while trainer.epoch < tc.epochs:
         t0 = time.time()
-        loss = trainer.train_epoch(train.images, on_step=lambda i, v: (
-            bar.update(1), bar.set_postfix(epoch=trainer.epoch + 1, loss=f"{v:.3g}")))
+        def on_step(i: int, v: float) -> None:
+            bar.update(1)
+            bar.set_postfix(epoch=trainer.epoch + 1, loss=f"{v:.3g}")
+
+        loss = trainer.train_epoch(train.images, on_step=on_step)
         if dist.is_main:
             append_jsonl(run.metrics, {"phase": "teacher", "epoch": trainer.epoch,
                                        "loss": loss, "seconds": round(time.time() - t0, 2)})
@@ -544,7 +549,8 @@ def _stagewise_init(plan: _Plan, sc: ConvNetConfig, data: _ExpertData, group: li
             append_jsonl(run.metrics, {"phase": "expert-stage", "expert": k, "stage": s + 1,
                                        "epoch": epoch + 1, "loss": loss})
 
-    students = stagewise_students(sc, plan.config.experts, plan.objective.to(plan.device),
-                                  plan.teacher.net, data.teacher_x, data.x, plan.config.seed,
-                                  group, on_stage)
+    skd = typing.cast(SKDObjective, plan.objective.to(plan.device))
+    students = stagewise_students(sc, plan.config.experts, skd, plan.teacher.net,
+                                  typing.cast(torch.Tensor, data.teacher_x), data.x,
+                                  plan.config.seed, group, on_stage)
     return students.__getitem__

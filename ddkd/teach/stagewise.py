@@ -7,6 +7,7 @@ stage (:func:`ddkd.teach.experts.train_experts` with ``init``).
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 
 import torch
@@ -55,7 +56,7 @@ def fit_skd_stages(objective: SKDObjective, teacher: nn.Module, student: ConvNet
 def stage_targets(objective: SKDObjective, s: int, teacher: nn.Module,
                   teacher_x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Block ``s``'s targets for every training image ``(N, C_t, h, h)``, on the device."""
-    source = int(objective.stage_source[s])
+    source = int(typing.cast(torch.Tensor, objective.stage_source)[s])  # (planned: set)
     out = [objective.stage_targets(s, teacher_stage_maps(teacher, teacher_x[i : i + batch_size],
                                                          [source])[0])
            for i in range(0, teacher_x.shape[0], batch_size)]

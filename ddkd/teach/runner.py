@@ -84,7 +84,7 @@ def student_config(config: TeachConfig, image_shape: tuple[int, int, int], out_d
         in_channels=c, image_size=h, depth=config.student.depth, width=config.student.width,
         norm=config.student.norm, out_dim=out_dim, output=output,
     )
-    if sc.feature_dim() < 1:
+    if sc.feature_dim < 1:
         raise ConfigError(f"student.depth {sc.depth} halves {h}x{w} images to nothing; use at "
                           f"most depth {max(1, h.bit_length() - 1)}")
     return sc

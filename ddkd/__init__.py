@@ -6,9 +6,8 @@ arXiv 2410.02116, "MKDT"). The stages meet only through files: ``ddkd teach`` wr
 directory (teacher, targets, expert trajectories) that the later stages read.
 """
 
-__version__ = "0.1.0"
-
-from ddkd.errors import DDKDError  # noqa: E402
+from ddkd.errors import DDKDError
+from ddkd.version import __version__
 
 __all__ = ["DDKDError", "__version__", "load_synthset"]
 

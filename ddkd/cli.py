@@ -49,15 +49,19 @@ def stage_values(recipe: Path, stage: str) -> dict:
     return values.get(stage, {})
 
 
+# teach's named flags that set one setting each: {argparse dest: (section, key)}
+_TEACH_FLAG_KEYS = {
+    "dataset": ("data", "dataset"), "data_root": ("data", "data_root"),
+    "subset": ("data", "subset"), "ssl": ("teacher", "ssl"),
+    "teacher_epochs": ("teacher", "epochs"), "experts": ("experts", "num_experts"),
+    "expert_epochs": ("experts", "epochs"), "objective": ("experts", "objective"),
+    "experts_per_batch": ("experts", "per_batch"),
+}
+
+
 def _teach_flags(args: argparse.Namespace) -> dict:
     """Named flags -> nested config values (they win over the recipe and --set)."""
     flags: dict = {"data": {}, "teacher": {}, "experts": {}}
-    if args.dataset is not None:
-        flags["data"]["dataset"] = args.dataset
-    if args.data_root is not None:
-        flags["data"]["data_root"] = args.data_root
-    if args.subset is not None:
-        flags["data"]["subset"] = args.subset
     trains = args.train_teacher or args.teacher_epochs is not None or args.ssl is not None
     if args.teacher_checkpoint is not None:
         if trains:
@@ -66,18 +70,9 @@ def _teach_flags(args: argparse.Namespace) -> dict:
         flags["teacher"].update(source="checkpoint", checkpoint=args.teacher_checkpoint)
     elif trains:
         flags["teacher"]["source"] = "train"
-    if args.ssl is not None:
-        flags["teacher"]["ssl"] = args.ssl
-    if args.teacher_epochs is not None:
-        flags["teacher"]["epochs"] = args.teacher_epochs
-    if args.experts is not None:
-        flags["experts"]["num_experts"] = args.experts
-    if args.expert_epochs is not None:
-        flags["experts"]["epochs"] = args.expert_epochs
-    if args.objective is not None:
-        flags["experts"]["objective"] = args.objective
-    if args.experts_per_batch is not None:
-        flags["experts"]["per_batch"] = args.experts_per_batch
+    for dest, (section, key) in _TEACH_FLAG_KEYS.items():
+        if getattr(args, dest) is not None:
+            flags[section][key] = getattr(args, dest)
     if args.seed is not None:
         flags["seed"] = args.seed
     return {k: v for k, v in flags.items() if v != {}}
@@ -122,6 +117,19 @@ def cmd_teach(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deprecated_expert_epochs(args: argparse.Namespace) -> None:
+    """``synthesize --expert-epochs M`` (before --matched-epochs): the same, with a warning."""
+    if args.old_expert_epochs is None:
+        return
+    if args.expert_epochs is not None and args.expert_epochs != args.old_expert_epochs:
+        raise ConfigError(f"--matched-epochs {args.expert_epochs} and --expert-epochs "
+                          f"{args.old_expert_epochs} say two things: give --matched-epochs only")
+    logging.getLogger(__name__).warning(
+        "ddkd synthesize: --expert-epochs is deprecated here (in teach it is the epochs each "
+        "expert trains); use --matched-epochs")
+    args.expert_epochs = args.old_expert_epochs
+
+
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from ddkd.config import (
         SYNTH_FLAGS,
@@ -135,6 +143,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from ddkd.runtime import resolve_device, seed_everything
     from ddkd.synth.runner import run_synthesize
 
+    _deprecated_expert_epochs(args)
     recipe = recipe_path(args.recipe) if args.recipe else _run_recipe(args.run)
     values = stage_values(recipe, "synthesize") if recipe is not None else {}
     flags = {name: getattr(args, name) for name in (
@@ -265,21 +274,37 @@ def _budgets(value: str | None) -> list[int] | None:
     return [int(v) for v in items]
 
 
+def _evaluate_flags(args: argparse.Namespace) -> dict:
+    """Named flags of ``evaluate`` -> EvalConfig values (they win over the recipe and --set)."""
+    flags: dict = {"data_root": args.data_root, "seeds": args.seeds, "probe": args.probe,
+                   "epochs": args.epochs, "pretrain_steps": _budgets(args.pretrain_steps),
+                   "full_epochs": args.full_epochs}
+    if args.baselines is not None:
+        flags["baselines"] = tuple(_csv(args.baselines))
+    if args.downstream is not None:
+        flags["downstream"] = tuple(_csv(args.downstream)) or None
+    if args.fractions is not None:
+        flags["fractions"] = tuple(_csv(args.fractions, float))
+    if args.arch is not None:
+        flags["archs"] = tuple(_csv(args.arch))
+    if args.uniform:
+        flags["stratified"] = False
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddkd.config import EVAL_FLAGS, EvalConfig, build_config, flag_keys, merge, parse_overrides
     from ddkd.distributed import join
     from ddkd.eval.runner import run_evaluate
     from ddkd.runtime import resolve_device
 
+    values = stage_values(recipe_path(args.recipe), "evaluate") if args.recipe else {}
+    flags = _evaluate_flags(args)
+    config = build_config(EvalConfig, merge(merge(values, parse_overrides(args.set or [])),
+                                            flags), flags=flag_keys(flags, EVAL_FLAGS))
     dist, device = join(args.devices, args.num_nodes, resolve_device(args.device))
-    summary = run_evaluate(
-        sets=args.sets, run_dir=args.run,
-        baselines=None if args.baselines is None else _csv(args.baselines),
-        downstream=_csv(args.downstream) or None, fractions=_csv(args.fractions, float),
-        seeds=args.seeds, archs=_csv(args.arch), probe=args.probe, out=args.out,
-        device=device, data_root=args.data_root, epochs=args.epochs,
-        stratified=not args.uniform, progress=not args.no_progress, command=sys.argv,
-        dist=dist, budgets=_budgets(args.pretrain_steps), full_epochs=args.full_epochs,
-    )
+    summary = run_evaluate(args.sets, config, args.out, device, run_dir=args.run,
+                           progress=not args.no_progress, command=sys.argv, dist=dist)
     if not dist.is_main:
         return 0
     print(f"ddkd evaluate: {summary['rows']} probes in {summary['seconds']:.0f}s -> "
@@ -362,20 +387,13 @@ def _print_teach_summary(summary: dict) -> None:
 
 
 def _version() -> str:
-    from ddkd import __version__
+    from ddkd.version import __version__
 
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ddkd",
-        description="Dataset distillation via knowledge distillation (MKDT, ICLR 2025).",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"ddkd {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_teach(sub) -> None:
+    """``ddkd teach``: the teacher, its targets and the experts."""
     teach = sub.add_parser(
         "teach",
         help="teacher -> targets -> KD students' trajectories (the experts)",
@@ -438,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--no-progress", action="store_true", help="no progress bars")
     teach.set_defaults(func=cmd_teach)
 
+
+def _add_synthesize(sub) -> None:
+    """``ddkd synthesize``: trajectory matching."""
     syn = sub.add_parser(
         "synthesize",
         help="trajectory matching: distil a synthetic set from a teach run",
@@ -457,7 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--fraction", type=float, help="fraction of the run's training images")
     syn.add_argument("--iterations", type=int, help="outer iterations")
     syn.add_argument("--syn-steps", type=int, help="N: inner SGD steps per iteration")
-    syn.add_argument("--expert-epochs", type=int, help="M: expert epochs matched by N steps")
+    syn.add_argument("--matched-epochs", type=int, dest="expert_epochs",
+                     help="M: expert epochs matched by N steps (MTT's expert_epochs)")
+    # the old spelling, which in teach means the epochs each expert trains: still read here
+    syn.add_argument("--expert-epochs", type=int, dest="old_expert_epochs",
+                     help=argparse.SUPPRESS)
     syn.add_argument("--max-start-epoch", type=int, help="T+: start epochs drawn from [0, T+)")
     syn.add_argument("--lr-img", type=float, help="learning rate of the images")
     syn.add_argument("--lr-lr", type=float, help="learning rate of the step size")
@@ -498,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--no-progress", action="store_true", help="no progress bar")
     syn.set_defaults(func=cmd_synthesize)
 
+
+def _add_evaluate(sub) -> None:
+    """``ddkd evaluate``: pre-training and probing."""
     ev = sub.add_parser(
         "evaluate",
         help="pre-train fresh encoders on sets and baselines, probe with few labels",
@@ -524,18 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--downstream",
                     help="comma list of datasets (default: the source)" + _STATED)
     ev.add_argument("--data-root", help="folder holding the downstream datasets")
-    ev.add_argument("--fractions", default="0.001,0.01,0.05,0.1",
+    ev.add_argument("--fractions",
                     help="label fractions, comma list (0.001 = 6 labels per class on "
-                    "Fashion-MNIST, where features matter most)")
-    ev.add_argument("--seeds", type=int, default=3, help="seeds per method")
-    ev.add_argument("--arch", default="convnet", help="comma list of convnet, resnet10, "
-                    "resnet18 (cross-architecture: a ConvNet-distilled set on a ResNet)")
-    ev.add_argument("--probe", default="lbfgs",
+                    "Fashion-MNIST, where features matter most) (default: "
+                    "0.001,0.01,0.05,0.1)" + _STATED)
+    ev.add_argument("--seeds", type=int, help="seeds per method (default: 3)" + _STATED)
+    ev.add_argument("--arch", help="comma list of convnet, resnet10, resnet18 "
+                    "(cross-architecture: a ConvNet-distilled set on a ResNet) (default: "
+                    "convnet)" + _STATED)
+    ev.add_argument("--probe",
                     help="lbfgs (MKDT's linear probe: full-batch L-BFGS on standardised "
                     "features, cross-entropy + 1e-3 ||W||^2), sgd (the same objective by "
                     "mini-batch SGD, 100 epochs: for very large label sets) or knn (weighted "
-                    "20-NN on the labelled features)")
-    ev.add_argument("--epochs", type=int, default=20, help="pre-training epochs")
+                    "20-NN on the labelled features) (default: lbfgs)" + _STATED)
+    ev.add_argument("--epochs", type=int, help="pre-training epochs (default: 20)" + _STATED)
     ev.add_argument("--pretrain-steps", metavar="STEPS",
                     help="also draw the pre-training budget curve: probe every KD-trained "
                     "method after each of these numbers of SGD steps (comma list, e.g. "
@@ -556,8 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun or SLURM)")
     ev.add_argument("--out", default="runs/eval", help="output folder")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--recipe", help="recipe with an [evaluate] table (its keys: the fields "
+                    "of ddkd.config.EvalConfig; the flags above override it) (default: "
+                    "none: the values above)" + _STATED)
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any setting, e.g. --set probe=knn")
     ev.set_defaults(func=cmd_evaluate)
 
+
+def _add_import(sub) -> None:
+    """``ddkd import``: sets and expert buffers of the published code."""
     imp = sub.add_parser(
         "import",
         help="read a set (or expert buffers) written by the MKDT, KRR-ST, MTT or DATM code",
@@ -600,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     imp.set_defaults(func=cmd_import)
 
+
+def _add_export(sub) -> None:
+    """``ddkd export``: a set in other formats."""
     exp = sub.add_parser(
         "export",
         help="write a synthetic set as npz, safetensors, PNGs or the published .pt trio",
@@ -621,13 +662,32 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     exp.set_defaults(func=cmd_export)
 
+
+def _add_inspect(sub) -> None:
+    """``ddkd inspect``: a set's metadata and image grid."""
     insp = sub.add_parser("inspect", help="print a synthetic set's metadata, write a PNG grid")
     insp.add_argument("file", help="a ddkd synthetic set (.h5)")
     insp.add_argument("--png", help="where to write the image grid (default: the set's name "
                       "with .png, in the current folder)")
     insp.add_argument("--nrow", type=int, help="images per row of the grid")
     insp.set_defaults(func=cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddkd",
+        description="Dataset distillation via knowledge distillation (MKDT, ICLR 2025).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ddkd {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for add in (_add_teach, _add_synthesize, _add_evaluate, _add_import, _add_export,
+                _add_inspect):
+        add(sub)
     return parser
+
+
 
 
 _CONTINUE = {

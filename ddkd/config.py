@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -19,7 +20,21 @@ from typing import Any
 
 from ddkd.errors import ConfigError
 
+# The names a configuration may hold. The modules above build from them (the dataset table of
+# ddkd.data.datasets, lightly's methods in ddkd.ssl_training, the objectives of
+# ddkd.objectives; tests/test_config.py checks that each table has exactly these names):
+# config.py, the bottom layer, validates without importing them.
 PRECISIONS = ("fp32", "bf16")  # the students' arithmetic: see ddkd.runtime.autocast_dtype
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "tiny-imagenet",
+                 "cifar10-samples", "cifar100-samples", "imagefolder:PATH")
+SSL_METHODS = ("barlowtwins", "simclr", "byol", "vicreg")
+OBJECTIVE_NAMES = ("mse", "kdep", "tcs", "ssld", "skd")
+TEACHER_ARCHS = ("resnet10", "resnet18", "resnet34")
+
+
+def is_dataset_name(name: str) -> bool:
+    """A name of DATASET_NAMES, or ``imagefolder:PATH`` with a path."""
+    return name in DATASET_NAMES[:-1] or bool(re.match(r"^imagefolder:.+", name))
 
 
 # The named command-line flag of each setting that has one. Messages about a setting name its
@@ -33,9 +48,12 @@ FLAGS = {
     "seed": "--seed",
 }
 SYNTH_FLAGS = {name: f"--{name.replace('_', '-')}" for name in (
-    "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
+    "ipc", "size", "fraction", "iterations", "syn_steps", "max_start_epoch",
     "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "precision",
     "seed", "segments", "zca")}
+# M keeps MTT's name expert_epochs in recipes and --set; its flag is --matched-epochs, since
+# teach's --expert-epochs is the epochs each expert trains
+SYNTH_FLAGS["expert_epochs"] = "--matched-epochs"
 
 
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -61,9 +79,7 @@ class DataConfig:
     zca_eps: float = 0.1
 
     def __post_init__(self) -> None:
-        from ddkd.data.datasets import DATASET_NAMES, is_valid_name
-
-        if not is_valid_name(self.dataset):
+        if not is_dataset_name(self.dataset):
             raise ConfigError(
                 f"data.dataset {self.dataset!r} is unknown; valid: {', '.join(DATASET_NAMES)}",
                 key="data.dataset")
@@ -94,8 +110,6 @@ class TeacherConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        from ddkd.ssl_training import SSL_METHODS
-
         if self.source not in ("shipped", "train", "checkpoint"):
             raise ConfigError(
                 f"teacher.source must be shipped, train or checkpoint, got {self.source!r}"
@@ -105,8 +119,8 @@ class TeacherConfig:
         if self.ssl not in SSL_METHODS:
             raise ConfigError(f"teacher.ssl {self.ssl!r} is unknown; valid: "
                               f"{', '.join(SSL_METHODS)}", key="teacher.ssl")
-        if self.arch not in ("resnet10", "resnet18", "resnet34"):
-            raise ConfigError(f"teacher.arch {self.arch!r}; valid: resnet10, resnet18, resnet34")
+        if self.arch not in TEACHER_ARCHS:
+            raise ConfigError(f"teacher.arch {self.arch!r}; valid: {', '.join(TEACHER_ARCHS)}")
         for name in ("base_width", "epochs", "batch_size", "lr", "proj_dim", "knn_k"):
             _positive(f"teacher.{name}", getattr(self, name))
         if self.weight_decay < 0:
@@ -177,11 +191,9 @@ class ExpertConfig:
             raise ConfigError(f"experts.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"experts.weight_decay must be >= 0, got {self.weight_decay}")
-        from ddkd.objectives import OBJECTIVES
-
-        if self.objective not in OBJECTIVES:
+        if self.objective not in OBJECTIVE_NAMES:
             raise ConfigError(f"experts.objective {self.objective!r} is unknown; valid: "
-                              f"{', '.join(OBJECTIVES)}", key="experts.objective")
+                              f"{', '.join(OBJECTIVE_NAMES)}", key="experts.objective")
         _one_of("experts.target_norm", self.target_norm, ("none", "standardize"))
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"experts.dtype {self.dtype!r}; valid: float32, float16")
@@ -244,15 +256,7 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        given = [n for n in ("ipc", "size", "fraction") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ConfigError(f"give only one of --ipc, --size, --fraction (got {given})")
-        if self.ipc is not None and self.ipc < 1:
-            raise ConfigError(f"ipc must be >= 1, got {self.ipc}", key="ipc")
-        if self.size is not None and self.size < 1:
-            raise ConfigError(f"size must be >= 1, got {self.size}", key="size")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
+        self._check_size()
         for name in ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn",
                      "segments"):
             if getattr(self, name) < 1:
@@ -274,6 +278,17 @@ class SynthConfig:
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
+    def _check_size(self) -> None:
+        given = [n for n in ("ipc", "size", "fraction") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of --ipc, --size, --fraction (got {given})")
+        if self.ipc is not None and self.ipc < 1:
+            raise ConfigError(f"ipc must be >= 1, got {self.ipc}", key="ipc")
+        if self.size is not None and self.size < 1:
+            raise ConfigError(f"size must be >= 1, got {self.size}", key="size")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
+
     def num_images(self, num_classes: int, num_train: int) -> int:
         if self.ipc is not None:
             n = self.ipc * num_classes
@@ -287,6 +302,67 @@ class SynthConfig:
             raise ConfigError(f"the synthetic set would have {n} images but the run has only "
                               f"{num_train} training images to initialise it from")
         return n
+
+
+#: the baselines of ``ddkd evaluate`` (ddkd.eval.runner builds them)
+BASELINES = ("none", "random", "high-loss", "ssl-random", "full", "teacher")
+DEFAULT_BASELINES = ("none", "random", "high-loss", "ssl-random", "teacher")
+PROBES = ("lbfgs", "sgd", "knn")  # ddkd.eval.probe, ddkd.probes
+EVAL_ARCHS = ("convnet", "resnet10", "resnet18")  # the encoders of ddkd.eval.pretrain
+EVAL_FLAGS = {"baselines": "--baselines", "downstream": "--downstream",
+              "fractions": "--fractions", "seeds": "--seeds", "archs": "--arch",
+              "probe": "--probe", "epochs": "--epochs", "pretrain_steps": "--pretrain-steps",
+              "stratified": "--uniform", "data_root": "--data-root",
+              "full_epochs": "--full-epochs"}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How ``ddkd evaluate`` pre-trains and probes (MKDT, section 5): every (method,
+    architecture, seed) encoder is pre-trained ``epochs`` epochs and probed at every label
+    ``fraction`` of every ``downstream`` task."""
+
+    # None: every baseline but the costly full-data one (only none when the set's teach run
+    # is not available)
+    baselines: tuple[str, ...] | None = None
+    downstream: tuple[str, ...] | None = None  # None: the sets' source dataset
+    data_root: str | None = None  # folder holding the downstream datasets
+    fractions: tuple[float, ...] = (0.001, 0.01, 0.05, 0.1)
+    seeds: int = 3
+    archs: tuple[str, ...] = ("convnet",)
+    probe: str = "lbfgs"
+    epochs: int = 20
+    stratified: bool = True  # class-stratified labels (False: uniform, as MKDT drew them)
+    # also probe every KD-trained method after each of these numbers of SGD steps
+    pretrain_steps: tuple[int, ...] | None = None
+    # the full-data KD baseline's epochs (None: ``epochs``); on a whole split 20 epochs are
+    # thousands of steps, far past any set's budget curve
+    full_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.full_epochs is not None and (isinstance(self.full_epochs, bool)
+                                             or self.full_epochs < 1):
+            raise ConfigError(f"full_epochs must be a whole number of epochs >= 1, got "
+                              f"{self.full_epochs!r}", key="full_epochs")
+        unknown = [b for b in self.baselines or () if b not in BASELINES]
+        if unknown:
+            raise ConfigError(f"baselines: unknown {unknown}; valid: {', '.join(BASELINES)}",
+                              key="baselines")
+        _one_of("probe", self.probe, PROBES)
+        bad_archs = [a for a in self.archs if a not in EVAL_ARCHS]
+        if bad_archs or not self.archs:
+            raise ConfigError(f"archs {','.join(bad_archs)!r} is unknown; valid: "
+                              f"{', '.join(EVAL_ARCHS)}", key="archs")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}", key="seeds")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}", key="epochs")
+        for b in self.pretrain_steps or ():
+            if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                raise ConfigError(f"pretrain_steps: every budget must be a whole number of SGD "
+                                  f"steps >= 1, got {b!r}", key="pretrain_steps")
+        if self.pretrain_steps is not None:  # sorted, once each
+            object.__setattr__(self, "pretrain_steps", tuple(sorted(set(self.pretrain_steps))))
 
 
 # --- building from recipes and overrides ---------------------------------------------------
@@ -303,34 +379,46 @@ def to_json(config: Any) -> str:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Coerce ``value`` (from TOML or a ``--set`` string) to the field type ``annotation``."""
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:  # tuple[X, ...]: a TOML list or "a,b,c"
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where} = {value!r} is not a list", key=where)
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], where)
+                     for v in items if not (isinstance(v, str) and not v.strip()))
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        inner = [a for a in args if a is not type(None)]
+        # (a list's "none" or "" is a value: the baseline none, the empty list)
+        nulls = ("null",) if typing.get_origin(inner[0]) is tuple else ("none", "null", "")
+        if value is None or (isinstance(value, str) and value.lower() in nulls):
             if type(None) in args:
                 return None
-        inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(value)
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return str(value)
+        return _coerce_scalar(value, annotation)
     except (TypeError, ValueError) as err:
         raise ConfigError(
             f"{where} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}",
             key=where,
         ) from err
+
+
+def _coerce_scalar(value: Any, annotation: Any) -> Any:
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(value)
+    if annotation is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if annotation is float:
+        return float(value)
+    if annotation is str:
+        return str(value)
     return value
 
 
@@ -379,7 +467,7 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{name} is a section; set its keys as {name}.KEY=VALUE")
-            kwargs[key] = _build(hint, value, where=f"{name}.")
+            kwargs[key] = _build(typing.cast(type, hint), value, where=f"{name}.")
         elif isinstance(value, dict):
             raise ConfigError(f"{name} is a single value, not a section")
         else:

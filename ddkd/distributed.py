@@ -10,6 +10,8 @@ the backend is gloo, on GPUs NCCL.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 
 from ddkd.errors import ConfigError
@@ -36,7 +38,7 @@ def join(devices: int, num_nodes: int, device: torch.device,
     fabric.launch()
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        return fabric.all_reduce(tensor, reduce_op="sum")
+        return typing.cast(torch.Tensor, fabric.all_reduce(tensor, reduce_op="sum"))
 
     def all_gather(obj: object) -> list:  # Fabric gathers tensors only; rows are dicts
         gathered: list = [None] * fabric.world_size

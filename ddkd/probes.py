@@ -33,7 +33,7 @@ def knn_accuracy(
     bank = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.to(bank.device)  # features may live on a GPU, labels not
     k = min(k, bank.shape[0])
-    correct = 0
+    correct = 0.0
     for start in range(0, test_features.shape[0], chunk):
         queries = F.normalize(test_features[start : start + chunk].float(), dim=1)
         sim, idx = (queries @ bank.T).topk(k, dim=1)  # (m, k)

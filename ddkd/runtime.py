@@ -34,6 +34,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Stream:
+    """The named sub-streams of :func:`make_generator`, all in one place: one id per kind of
+    random draw, so that no two draws share a stream and a new draw changes no other. The values
+    are part of every result (changing one changes what is drawn from it); the trailing
+    comments say which further ids a draw appends (``make_generator(seed, Stream.X, k)``)."""
+
+    SSL_EPOCH = 1  # ssl_training: an SSL epoch's order and augmentations (+ epoch)
+    RUN_SUBSET = 10  # subsets: the run's training subset (data.subset)
+    EXPERT_INIT = 20  # teach.experts: expert k's initialisation (+ k)
+    EXPERT_ORDER = 21  # expert k's data order (+ k)
+    SKD_ADAPTER = 22  # teach.stagewise: skd's block-stage adapters (+ k, stage)
+    SKD_STAGE_ORDER = 23  # their data order (+ k, stage)
+    RANDOM_NET = 30  # teach.runner: the kNN report's randomly initialised network
+    TEACHER_INIT = 31  # the initialisation of a teacher trained in the run
+    OBJECTIVE_FIT = 32  # the objective's fit on the teacher's features (k-means, hashes)
+    SYNTH_INIT = 40  # synth.runner: the random initialisation's subset
+    SYNTH_ITERATION = 41  # an outer iteration's expert, start epoch and batches (+ it[, j])
+    SYNTH_PROBE = 42  # the fixed batches of the matching-loss probe (+ k, t)
+    DSA = 60  # synth.augment: a DSA draw (+ iteration, step[, segment])
+    LABELS = 70  # eval.labels: the labelled subset (+ fraction)
+    SGD_PROBE = 71  # eval.probe: the SGD probe's order
+    PRETRAIN_INIT = 80  # eval.pretrain: a fresh encoder's initialisation
+    PRETRAIN_ORDER = 81  # its pre-training data order
+    RANDOM_SUBSET = 90  # eval.runner: the random-subset baselines' images
+    SSL_HEAD = 91  # the SSL baseline's projection head
+
+
 def make_generator(seed: int, *streams: int) -> torch.Generator:
     """A CPU generator for the sub-stream ``streams`` of ``seed``.
 
@@ -49,14 +76,30 @@ def make_generator(seed: int, *streams: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def global_cpu_rng_from(gen: torch.Generator) -> Iterator[None]:
-    """For the block, the global CPU RNG is forked and seeded from ``gen``: for code that draws
+def global_rng_from(gen: torch.Generator, device: torch.device | None = None,
+                    offset: int = 0) -> Iterator[None]:
+    """For the block, the global RNG is forked and seeded from ``gen``: for code that draws
     from it (PyTorch's initialisers, kornia's parameters), reproducibly and without touching
-    the caller's RNG. Only the CPU generator is seeded (``torch.manual_seed`` would reseed every
-    GPU's generator too, outside the fork, and leave them changed)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    the caller's RNG. The one way ddkd seeds a global generator.
+
+    The CPU generator is always seeded; with a CUDA ``device``, that device's generator too
+    (with the same seed), inside the same fork. ``torch.manual_seed`` is not used: it would
+    reseed every GPU's generator, outside the fork, and leave them changed. ``offset`` is added
+    to the seed (each process of a data-parallel run its own draws: its rank).
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        seed = int(torch.randint(2**62, (1,), generator=gen)) + offset
+        torch.random.default_generator.manual_seed(seed)
+        for d in devices:  # fork_rng has initialised CUDA: its generators exist
+            index = d.index if d.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
+
+
+def global_cpu_rng_from(gen: torch.Generator) -> contextlib.AbstractContextManager[None]:
+    """:func:`global_rng_from` for code that draws on the CPU only (initialisers)."""
+    return global_rng_from(gen)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,10 +225,10 @@ def environment_record(device: torch.device | None = None) -> dict:
     ``device``, the device the run computed on (``--device auto`` resolved) and, on a GPU,
     whether its float32 convolutions and matrix products ran in TF32 (PyTorch's defaults, which
     MTT's and MKDT's code keep: TF32 convolutions, full float32 matrix products)."""
-    import ddkd
+    from ddkd.version import __version__
 
     record = {
-        "ddkd": ddkd.__version__,
+        "ddkd": __version__,
         "git_revision": git_revision(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

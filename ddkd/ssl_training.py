@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ddkd.config import SSL_METHODS
 from ddkd.data.transforms import Normalization, ssl_augmentation
 from ddkd.errors import TrainingError
-from ddkd.runtime import Ranks, make_generator, maybe_autocast
+from ddkd.runtime import Ranks, Stream, global_rng_from, make_generator, maybe_autocast
 
 log = logging.getLogger(__name__)
 
-SSL_METHODS = ("barlowtwins", "simclr", "byol", "vicreg")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class SSLTrainer:
                               amp_dtype=amp_dtype).to(device)
         # Several processes: DDP averages the gradients; lightly's losses gather the other
         # processes' embeddings (negatives, cross-correlation) so the batch is the global one.
-        self.step_model = self.model
+        self.step_model: nn.Module = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -182,7 +182,7 @@ class SSLTrainer:
         steps_per_epoch = max(1, n // batch)  # drop the last partial batch (BN, BT statistics)
         total = steps_per_epoch * sched.epochs
         warmup = min(total, steps_per_epoch * sched.warmup_epochs)
-        gen = make_generator(self.seed, 1, self.epoch)
+        gen = make_generator(self.seed, Stream.SSL_EPOCH, self.epoch)
         order = torch.randperm(n, generator=gen)
         self.model.train()
         losses: list[float] = []
@@ -205,11 +205,9 @@ class SSLTrainer:
                 if on_step is not None:
                     on_step(j, value)
 
-        # kornia draws from the global RNG: fork it so the epoch is reproducible on its own.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            # each process draws its own augmentations (process 0 as a single process would)
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + self.dist.rank)
+        # kornia draws from the global RNG (on the device): seed it so the epoch is reproducible
+        # on its own; each process draws its own augmentations (process 0 as one process would)
+        with global_rng_from(gen, self.device, offset=self.dist.rank):
             for i in range(steps_per_epoch):
                 step = self.epoch * steps_per_epoch + i
                 for group in self.optimizer.param_groups:

@@ -16,11 +16,10 @@ from torch import nn
 
 from ddkd.errors import ConfigError
 from ddkd.models.functional import ParamSpec, functional_forward
-from ddkd.runtime import make_generator
+from ddkd.runtime import Stream, make_generator
 
 # The random stream of a run's training subset: teach draws it, and evaluate draws it again to
 # rebuild the baselines of a set made from the shipped teacher. Changing it changes every run.
-_STREAM_RUN_SUBSET = 10
 
 
 def select_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
@@ -29,7 +28,7 @@ def select_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
         return torch.arange(n)
     if subset > n:
         raise ConfigError(f"--subset {subset} is larger than the dataset ({n} training images)")
-    gen = make_generator(seed, _STREAM_RUN_SUBSET)
+    gen = make_generator(seed, Stream.RUN_SUBSET)
     return torch.randperm(n, generator=gen)[:subset].sort().values
 
 

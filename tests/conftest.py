@@ -102,6 +102,6 @@ def make_tiny_run_and_set(root: Path) -> tuple[Path, Path, Path]:
                  *TINY_TEACH]) == 0
     synth = root / "set.h5"
     assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "2",
-                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
+                 "--iterations", "2", "--syn-steps", "2", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--no-progress"]) == 0
     return folder, run, synth

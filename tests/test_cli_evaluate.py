@@ -103,7 +103,7 @@ def test_a_shared_set_without_its_run_is_compared_with_no_pre_training(tiny, tmp
     run, synth = tmp_path / "run", tmp_path / "set.h5"
     assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run), *TEACH]) == 0
     assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "1",
-                 "--iterations", "1", "--syn-steps", "1", "--expert-epochs", "1",
+                 "--iterations", "1", "--syn-steps", "1", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--no-progress"]) == 0
     run.rename(tmp_path / "elsewhere")  # as on another machine: the set's run is not there
     capsys.readouterr()

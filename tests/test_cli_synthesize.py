@@ -11,8 +11,9 @@ from conftest import TINY_TEACH as TEACH
 from conftest import write_imagefolder
 from ddkd.cli import main
 from ddkd.io.synthset import load_synthset
+from ddkd.synth.matching import MetaGradient
 
-SYN_BASE = ["--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
+SYN_BASE = ["--iterations", "4", "--syn-steps", "2", "--matched-epochs", "1",
        "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
 SYN = ["--ipc", "2", *SYN_BASE]
 
@@ -147,7 +148,7 @@ def _fails(capsys, argv, match):
     [
         (["--ipc", "0"], "--ipc must be >= 1"),
         (["--size", "1000"], "would have 1000 images but the run has only 24"),
-        (["--max-start-epoch", "2", "--expert-epochs", "2"], "needs snapshots up to epoch 3"),
+        (["--max-start-epoch", "2", "--matched-epochs", "2"], "needs snapshots up to epoch 3"),
         (["--init", "median"], "--init 'median' is unknown; valid: high-loss, random"),
         (["--precision", "fp16"], "--precision 'fp16' is unknown; valid: fp32, bf16"),
     ],
@@ -202,7 +203,7 @@ def test_nan_and_exploding_step_size_stop_with_the_checkpoint_kept(tiny_run, tmp
         nan_at_third.calls += 1
         mg = original(*args, **kwargs)
         if nan_at_third.calls == 3:
-            return runner.MetaGradient(torch.tensor(float("nan")), mg.grad_x, mg.grad_y,
+            return MetaGradient(torch.tensor(float("nan")), mg.grad_x, mg.grad_y,
                                        mg.grad_alpha)
         return mg
 
@@ -243,3 +244,27 @@ def test_zca_run_and_set(tiny_run, tmp_path, capsys):
     s.images = s.zca(Normalization(tuple(s.mean.tolist()), tuple(s.std.tolist()))(real))
     assert torch.allclose(s.pixels(), real.float() / 255, atol=1e-3)
     assert not torch.allclose(s.images, real.float() / 255, atol=0.1)
+
+
+def test_expert_epochs_is_the_old_spelling_of_matched_epochs(caplog):
+    """In teach, --expert-epochs is the epochs each expert trains; in synthesize M is
+    --matched-epochs, and the old spelling still sets it, with a one-line warning."""
+    from ddkd.cli import _deprecated_expert_epochs, build_parser
+    from ddkd.errors import ConfigError
+
+    parse = build_parser().parse_args
+    new = parse(["synthesize", "--matched-epochs", "3"])
+    _deprecated_expert_epochs(new)
+    assert new.expert_epochs == 3 and not caplog.records
+    old = parse(["synthesize", "--expert-epochs", "3"])
+    with caplog.at_level("WARNING"):
+        _deprecated_expert_epochs(old)
+    assert old.expert_epochs == 3
+    (record,) = caplog.records
+    assert "--expert-epochs is deprecated" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    with pytest.raises(ConfigError, match="say two things"):
+        _deprecated_expert_epochs(parse(["synthesize", "--matched-epochs", "2",
+                                         "--expert-epochs", "3"]))
+    assert "--expert-epochs" not in build_parser()._subparsers._group_actions[0].choices[
+        "synthesize"].format_help()

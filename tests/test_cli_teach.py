@@ -331,6 +331,16 @@ def test_allocator_tuning_changes_no_result(tiny_folder, tmp_path):
 
 
 def test_console_script_help_is_fast_and_lists_the_contract():
+    # Fast because the command line imports no stage, nor torch, before a command runs: a
+    # measure that does not depend on the machine's load, unlike a time limit.
+    probe = ("import sys, ddkd.cli\n"
+             "ddkd.cli.build_parser().format_help()\n"
+             "heavy = sorted(m for m in ('torch', 'numpy', 'h5py', 'lightly', 'kornia') "
+             "if m in sys.modules)\n"
+             "print(','.join(heavy))\n")
+    heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert heavy == "", f"--help imports {heavy}"
     out = subprocess.run([sys.executable, "-m", "ddkd.cli", "teach", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--recipe", "--set", "--dataset", "--data-root", "--subset", "--ssl",

@@ -216,7 +216,7 @@ def test_teach_synthesize_evaluate_on_the_gpu(which, tmp_path):
     assert main(["teach", "--dataset", f"imagefolder:{folder}", "--out", str(run),
                  "--device", "cuda", *TINY_TEACH, *teach]) == 0
     assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "2",
-                 "--iterations", "3", "--syn-steps", "2", "--expert-epochs", "1",
+                 "--iterations", "3", "--syn-steps", "2", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--device", "cuda", "--no-progress", *synthesize]) == 0
     assert main(["evaluate", str(synth), "--baselines", ",".join(baselines), "--fractions",
                  "0.5", "--seeds", "1", "--epochs", "2", "--device", "cuda", "--out", str(ev),

@@ -18,7 +18,7 @@ from ddkd.io.run import load_targets
 from ddkd.io.synthset import load_synthset
 from ddkd.io.weights import load_weights
 
-SYNTH = ["--ipc", "2", "--iterations", "3", "--syn-steps", "2", "--expert-epochs", "1",
+SYNTH = ["--ipc", "2", "--iterations", "3", "--syn-steps", "2", "--matched-epochs", "1",
          "--max-start-epoch", "1", "--no-progress"]
 
 

@@ -242,7 +242,7 @@ def test_shipped_teacher_sets_evaluate_their_baselines_without_the_run(tmp_path,
                  "--set", "student.width=8", "--set", "experts.compile=off", "--out", str(run),
                  "--no-progress"]) == 0
     assert main(["synthesize", "--run", str(run), "--ipc", "2", "--iterations", "1",
-                 "--syn-steps", "1", "--expert-epochs", "1", "--max-start-epoch", "1",
+                 "--syn-steps", "1", "--matched-epochs", "1", "--max-start-epoch", "1",
                  "--batch-syn", "20", "--out", str(synth), "--no-progress"]) == 0
     args = ["--baselines", "random,high-loss,full", "--fractions", "0.01",
             "--seeds", "1", "--epochs", "1", "--no-progress"]

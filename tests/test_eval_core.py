@@ -150,3 +150,25 @@ def test_paired_differences_per_architecture_with_the_teacher_and_a_missing_seed
     rows = [dict(r, accuracy=r["accuracy"] - 0.0104) if r["method"] == "set" else r
             for r in rows]
     assert "| set | convnet | +0.0 ± 0.0 |" in paired_tables(rows, [0.1], ["toy"])  # no -0.0
+
+
+def test_knn_probe_on_a_hand_computed_case():
+    """Weighted cosine kNN (ddkd.probes): bank a0 = (1, 0) class 0, a1 = (0.8, 0.6) and
+    a2 = (0.6, 0.8) class 1, a3 = (0, 1) class 2; queries q0 = (1, 0) (class 0) and
+    q1 = (0, 1) (class 2). With k = 3, q0's votes are e^(1/T) for class 0 against
+    e^(0.8/T) + e^(0.6/T) for class 1: at T = 0.07 class 0 wins (e^14.3 > e^11.4 + e^8.6),
+    at T = 1 class 1 (2.72 < 2.23 + 1.82); q1 is the mirror image. k = 1: the nearest."""
+    from ddkd.probes import knn_accuracy
+
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    queries, truth = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 2])
+    assert knn_accuracy(bank, labels, queries, truth, 3, k=3, temperature=0.07) == 1.0
+    assert knn_accuracy(bank, labels, queries, truth, 3, k=3, temperature=1.0) == 0.0
+    assert knn_accuracy(bank, labels, queries, truth, 3, k=1, temperature=1.0) == 1.0
+    # cosine: the bank's and the queries' lengths do not matter; nor does the chunking
+    scaled = bank * torch.tensor([[5.0], [0.1], [2.0], [7.0]])
+    assert knn_accuracy(scaled, labels, 3 * queries, truth, 3, k=3, temperature=1.0,
+                        chunk=1) == 0.0
+    # k beyond the bank is the whole bank; one of two queries right: 0.5
+    assert knn_accuracy(bank, labels, queries, torch.tensor([0, 1]), 3, k=10) == 0.5

@@ -24,8 +24,9 @@ from conftest import TINY_TEACH, write_imagefolder
 from ddkd.cli import main
 from ddkd.errors import FileFormatError
 from ddkd.io.synthset import SynthSet, load_synthset, save_synthset
+from ddkd.synth.matching import MetaGradient
 
-SYN = ["--ipc", "2", "--iterations", "4", "--syn-steps", "2", "--expert-epochs", "1",
+SYN = ["--ipc", "2", "--iterations", "4", "--syn-steps", "2", "--matched-epochs", "1",
        "--max-start-epoch", "1", "--batch-syn", "3", "--lr-img", "10", "--no-progress"]
 SHIPPED_SET = Path(__file__).resolve().parent.parent / "synth_sets" / \
     "fashion-mnist_ipc10_default.h5"
@@ -560,7 +561,7 @@ def test_mkdt_inner_steps_on_the_tiny_run_complete(made, tmp_path, capsys):
     of log(alpha) of 0.3-1.4 per iteration, the bound keeps them at 0.1."""
     out = tmp_path / "n40.h5"
     assert main(["synthesize", "--run", str(made["run"]), "--out", str(out), "--ipc", "2",
-                 "--syn-steps", "40", "--lr-img", "1", "--expert-epochs", "1",
+                 "--syn-steps", "40", "--lr-img", "1", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--iterations", "2", "--no-progress"]) == 0
     s = load_synthset(out)
     assert s.lr == pytest.approx(0.1 * math.exp(-0.2), rel=1e-4)  # bounded twice, downwards
@@ -574,7 +575,7 @@ def test_the_guard_still_stops_a_step_size_that_leaves_its_band(made, tmp_path, 
     from ddkd.synth import runner
 
     def drift(model, spec, segment, x, y, alpha, *args, **kwargs):
-        return runner.MetaGradient(torch.tensor(1.0), torch.zeros_like(x), torch.zeros_like(y),
+        return MetaGradient(torch.tensor(1.0), torch.zeros_like(x), torch.zeros_like(y),
                                    torch.tensor(1e6))
 
     monkeypatch.setattr(runner, "meta_gradient", drift)

@@ -479,7 +479,7 @@ def test_replay_buffer_imports_and_synthesize_runs_on_it(experts_free_run, tmp_p
         assert [f["sha256"] for f in files] == [sha256_file(b) for b in buffers]
     out = tmp_path / "set.h5"
     assert main(["synthesize", "--run", str(run), "--out", str(out), "--ipc", "2",
-                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
+                 "--iterations", "2", "--syn-steps", "2", "--matched-epochs", "1",
                  "--max-start-epoch", "2", "--batch-syn", "3", "--lr-img", "10",
                  "--no-progress"]) == 0
     s = load_synthset(out)

@@ -133,3 +133,37 @@ def test_bf16_autocast_meta_gradient_points_where_float32_does(memory):
     assert cos(got.grad_y, ref.grad_y) > 0.99
     assert got.grad_alpha.item() == pytest.approx(ref.grad_alpha.item(), rel=5e-2)
     assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-2)
+
+
+def test_meta_gradient_equals_the_published_loop_of_bench_reference():
+    """bench/reference.py re-implements MTT/MKDT's distill.py (a flat re-parametrised ConvNet,
+    the graph of all N steps kept): on a tiny shape ddkd's meta-gradient, unrolled or
+    recomputed at constant memory, gives its loss and its image gradient."""
+    import sys
+    from pathlib import Path
+
+    from ddkd.synth.matching import meta_gradient_constant_memory
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from reference import FlatConvNet, matching_iteration_reference
+    finally:
+        sys.path.pop(0)
+    config = ConvNetConfig(in_channels=1, image_size=8, depth=2, width=4, out_dim=3)
+    model, reference = ConvNet(config), FlatConvNet(1, 8, 2, 4, 3)
+    spec = ParamSpec.of(model)
+    assert list(spec.shapes) == reference.shapes  # one flat layout
+    gen = torch.Generator().manual_seed(0)
+    theta_start = reference.init(gen)
+    theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=gen)
+    x = torch.randn(6, 1, 8, 8, generator=gen)
+    y = torch.randn(6, 3, generator=gen)
+    alpha = torch.tensor(0.1)
+    batches = sample_batches(6, 3, 4, gen)
+    segment = Segment(0, 0, theta_start, theta_target, batches)
+    loss, grad_x = matching_iteration_reference(reference, theta_start, theta_target, x, y,
+                                                alpha, list(batches))
+    for compute in (meta_gradient, meta_gradient_constant_memory):
+        mg = compute(model, spec, segment, x, y, alpha)
+        assert float(mg.loss) == pytest.approx(loss, rel=1e-5)
+        assert torch.allclose(mg.grad_x, grad_x, rtol=1e-4, atol=1e-7), compute.__name__

@@ -13,7 +13,7 @@ def test_convnet_feature_dims(size, channels, depth, feature_dim):
     cfg = ConvNetConfig(in_channels=channels, image_size=size, depth=depth, out_dim=7)
     net = ConvNet(cfg)
     x = torch.randn(2, channels, size, size)
-    assert cfg.feature_dim() == feature_dim
+    assert cfg.feature_dim == feature_dim
     assert net.features(x).shape == (2, feature_dim)
     assert net(x).shape == (2, 7)
 

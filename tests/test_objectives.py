@@ -231,7 +231,7 @@ def test_every_objective_runs_through_the_pipeline(variant, tiny_folder, tmp_pat
         assert {(r["expert"], r["stage"]) for r in stages} == {(k, s) for k in (0, 1)
                                                                for s in (1, 2)}
     assert main(["synthesize", "--run", str(run), "--out", str(synth), "--ipc", "1",
-                 "--iterations", "2", "--syn-steps", "2", "--expert-epochs", "1",
+                 "--iterations", "2", "--syn-steps", "2", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--no-progress"]) == 0
     loaded = load_synthset(synth)
     assert loaded.objective == name

@@ -19,6 +19,6 @@ def test_issue_smoke_command_then_synthesize(tmp_path):
         assert len(experts) == 2 and experts.header.student["image_size"] == 28
     out = tmp_path / "set.h5"
     assert main(["synthesize", "--run", str(run), "--ipc", "1", "--iterations", "3",
-                 "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1",
+                 "--syn-steps", "2", "--matched-epochs", "1", "--max-start-epoch", "1",
                  "--out", str(out), "--no-progress"]) == 0
     assert load_synthset(out).images.shape == (10, 1, 28, 28)

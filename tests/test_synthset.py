@@ -116,7 +116,7 @@ def test_provenance_names_the_shipped_teacher(tmp_path):
                  "--set", "student.width=8", "--set", "experts.compile=off", "--out", str(run),
                  "--no-progress"]) == 0
     assert main(["synthesize", "--run", str(run), "--ipc", "1", "--iterations", "1",
-                 "--syn-steps", "1", "--expert-epochs", "1", "--max-start-epoch", "1",
+                 "--syn-steps", "1", "--matched-epochs", "1", "--max-start-epoch", "1",
                  "--batch-syn", "10", "--out", str(out), "--no-progress"]) == 0
     teacher = load_synthset(out).provenance["teacher"]
     asset = shipped_teacher_path("fashion-mnist")

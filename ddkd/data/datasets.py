@@ -17,28 +17,19 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ddkd.config import DATASET_NAMES, is_dataset_name
 from ddkd.errors import DataError
 from ddkd.runtime import sha256_tensor
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
-DATASET_NAMES = (
-    "fashion-mnist",
-    "mnist",
-    "cifar10",
-    "cifar100",
-    "tiny-imagenet",
-    "cifar10-samples",
-    "cifar100-samples",
-    "imagefolder:PATH",
-)
 
 
 @dataclass
@@ -90,19 +81,11 @@ def load_dataset(name: str, split: str = "train", data_root: str | None = None) 
     """Load split ``train`` or ``test`` of dataset ``name`` (see the module docstring)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
-    if name == "fashion-mnist":
-        return _load_idx_dataset(name, split, _fashion_mnist_dirs(data_root), num_classes=10)
-    if name == "mnist":
-        return _load_idx_dataset(name, split, _mnist_dirs(data_root), num_classes=10)
-    if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, split, data_root)
-    if name in ("cifar10-samples", "cifar100-samples"):
-        return _load_foolbox_samples(name, split)
-    if name == "tiny-imagenet":
-        return _load_tiny_imagenet(split, data_root)
     if name.startswith("imagefolder:"):
         return _load_imagefolder(name, split)
-    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return DATASETS[name](split, data_root)
 
 
 # --- IDX (MNIST-style) -------------------------------------------------------------------
@@ -205,7 +188,8 @@ def _load_cifar(name: str, split: str, data_root: str | None) -> ImageTensors:
             f"dataset {name} is not present under --data-root {data_root}: missing "
             f"{', '.join(missing[:2])} (expected {folder}/ in the torchvision layout)"
         )
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for f in files:
         with open(f, "rb") as fh:
             try:
@@ -341,5 +325,18 @@ def _load_tiny_imagenet(split: str, data_root: str | None) -> ImageTensors:
     return ImageTensors(torch.stack(images), labels, len(wnids), "tiny-imagenet", split)
 
 
-def is_valid_name(name: str) -> bool:
-    return name in DATASET_NAMES[:-1] or bool(re.match(r"^imagefolder:.+", name))
+is_valid_name = is_dataset_name  # the names DATASETS and imagefolder:PATH accept
+
+#: dataset name -> ``loader(split, data_root)`` (names: ddkd.config.DATASET_NAMES; the last,
+#: ``imagefolder:PATH``, is matched by its prefix in :func:`load_dataset`)
+DATASETS: dict[str, Callable[[str, str | None], ImageTensors]] = {
+    "fashion-mnist": lambda split, root: _load_idx_dataset(
+        "fashion-mnist", split, _fashion_mnist_dirs(root), num_classes=10),
+    "mnist": lambda split, root: _load_idx_dataset("mnist", split, _mnist_dirs(root),
+                                                   num_classes=10),
+    "cifar10": lambda split, root: _load_cifar("cifar10", split, root),
+    "cifar100": lambda split, root: _load_cifar("cifar100", split, root),
+    "tiny-imagenet": lambda split, root: _load_tiny_imagenet(split, root),
+    "cifar10-samples": lambda split, root: _load_foolbox_samples("cifar10-samples", split),
+    "cifar100-samples": lambda split, root: _load_foolbox_samples("cifar100-samples", split),
+}

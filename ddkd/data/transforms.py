@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ def ssl_augmentation(channels: int, image_size: int) -> nn.Module:
     import kornia.augmentation as K
 
     small = image_size <= 32
-    ops: list[nn.Module] = [
+    ops: list[Any] = [
         K.RandomResizedCrop((image_size, image_size), scale=(0.2 if small else 0.08, 1.0)),
         K.RandomHorizontalFlip(),
     ]

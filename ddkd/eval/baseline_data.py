@@ -24,6 +24,7 @@ from ddkd.io.run import open_run
 from ddkd.io.synthset import SynthSet
 from ddkd.io.weights import ASSETS, SHIPPED_TEACHERS, load_weights
 from ddkd.models.resnet import ResNet, ResNetConfig
+from ddkd.objectives import Objective, restore_objective
 from ddkd.probes import extract_features
 from ddkd.runtime import sha256_file
 from ddkd.subsets import select_subset
@@ -41,8 +42,7 @@ class BaselineData:
     indices: torch.Tensor  # (N,) into the dataset's training split
     normalization: Normalization
     zca: ZCA | None  # the whitening the run's experts (and sets) live in
-    objective: str
-    objective_state: dict
+    objective: Objective  # the run's KD objective, fitted
     teacher_file: Path
     experts_file: Path | None  # None: rebuilt from the shipped teacher (no experts)
     experts_checksum: str | None
@@ -53,19 +53,13 @@ class BaselineData:
 def from_run(run_dir: str | Path) -> BaselineData:
     """The baselines' data from a complete teach run."""
     opened = open_run(run_dir)
-    zca = None
-    if opened.zca is not None:  # the run's targets and experts live in whitened space
-        zca = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))
     return BaselineData(
         where=f"--run {run_dir}", images=opened.images, targets=opened.targets,
-        indices=opened.indices,
-        normalization=Normalization(tuple(opened.normalization["mean"]),
-                                    tuple(opened.normalization["std"])),
-        zca=zca, objective=opened.objective, objective_state=opened.objective_state or {},
-        teacher_file=opened.run.teacher, experts_file=opened.run.experts,
-        experts_checksum=sha256_file(opened.run.experts),
-        proj_dim=int(opened.teach_config["teacher"]["proj_dim"]),
-        dataset=opened.teach_config["data"]["dataset"])
+        indices=opened.indices, normalization=opened.normalization,
+        zca=opened.zca,  # the run's targets and experts live in whitened space
+        objective=opened.objective, teacher_file=opened.run.teacher,
+        experts_file=opened.run.experts, experts_checksum=sha256_file(opened.run.experts),
+        proj_dim=opened.config.teacher.proj_dim, dataset=opened.dataset)
 
 
 def shipped_teacher_of(synth: SynthSet) -> Path | None:
@@ -111,8 +105,10 @@ def from_shipped_teacher(synth: SynthSet, set_path: str, data_root: str | None,
     _check_against_objective(targets, synth, set_path)
     return BaselineData(
         where=f"the shipped teacher {teacher_file.name}", images=train.images, targets=targets,
-        indices=indices, normalization=normalize, zca=synth.zca, objective=synth.objective,
-        objective_state=synth.objective_state or {}, teacher_file=teacher_file,
+        indices=indices, normalization=normalize, zca=synth.zca,
+        objective=restore_objective(synth.objective, synth.objective_state or {},
+                                    targets.shape[1]),
+        teacher_file=teacher_file,
         experts_file=None, experts_checksum=prov.get("experts_checksum"),
         proj_dim=int(config.get("teacher", {}).get("proj_dim", 1024)), dataset=dataset)
 

@@ -61,7 +61,7 @@ def worth_steps(curve: list[tuple[int, float]], accuracy: float) -> Worth:
     for (s0, a0), (s1, a1) in zip([(None, None), *points[:-1]], points, strict=True):
         if a1 < accuracy:
             continue
-        if s0 is None or a1 == accuracy:
+        if s0 is None or a0 is None or a1 == accuracy:  # (a0 is None where s0 is)
             return Worth(float(s1), "within")
         frac = (accuracy - a0) / (a1 - a0)
         return Worth(math.exp(math.log(s0) + frac * (math.log(s1) - math.log(s0))), "within")
@@ -122,12 +122,12 @@ def set_worths(rows: list[dict], fractions: list[float], tasks: list[str]) -> li
     own steps, mean over seeds.
     """
     curve = _curve_rows(rows)
-    cells = []
+    cells: list[dict] = []
     for r in curve:
         if r.get("baseline") is None and r.get("standard"):
-            cell = (r["method"], r["arch"], r["downstream"], r["fraction"], r["steps"])
-            if cell not in [c["key"] for c in cells]:
-                cells.append({"key": cell})
+            key = (r["method"], r["arch"], r["downstream"], r["fraction"], r["steps"])
+            if key not in [c["key"] for c in cells]:
+                cells.append({"key": key})
     result = []
     for cell in cells:
         method, arch, task, fraction, own = cell["key"]

@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 
 from ddkd.errors import ConfigError
-from ddkd.runtime import make_generator
-
-_STREAM_LABELS = 70
+from ddkd.runtime import Stream, make_generator
 
 
 def label_subset(labels: torch.Tensor, fraction: float, seed: int, num_classes: int,
@@ -27,7 +25,7 @@ def label_subset(labels: torch.Tensor, fraction: float, seed: int, num_classes: 
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"--fractions: {fraction} is not in (0, 1]")
-    gen = make_generator(seed, _STREAM_LABELS, round(fraction * 1e9))
+    gen = make_generator(seed, Stream.LABELS, round(fraction * 1e9))
     if stratified:
         chosen = []
         for c in range(num_classes):

@@ -95,11 +95,11 @@ def plot_budget(rows: list[dict], path: str | Path, title: str = "") -> None:
                     ax.plot([s], [means[steps.index(s)]], marker="*", ms=12,
                             color=colours[method])
         for method in dict.fromkeys(r["method"] for r in flat):
-            accs = [100 * r["accuracy"] for r in flat if r["method"] == method
-                    and r["downstream"] == task and r["fraction"] == fraction
-                    and r["arch"] in (arch, "teacher")]
-            if accs:
-                ax.axhline(statistics.mean(accs), linestyle="--", linewidth=1, label=method,
+            level = [100 * r["accuracy"] for r in flat if r["method"] == method
+                     and r["downstream"] == task and r["fraction"] == fraction
+                     and r["arch"] in (arch, "teacher")]
+            if level:
+                ax.axhline(statistics.mean(level), linestyle="--", linewidth=1, label=method,
                            color="black" if "teacher" in method else colours[method])
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

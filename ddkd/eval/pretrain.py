@@ -9,19 +9,21 @@ with a linear head for cross-architecture evaluation; the head is dropped for pr
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddkd.config import EVAL_ARCHS
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
+from ddkd.models.registry import model_config
 from ddkd.models.resnet import ResNet, ResNetConfig
-from ddkd.runtime import global_cpu_rng_from, make_generator
+from ddkd.runtime import Stream, global_cpu_rng_from, make_generator
 
-ARCHS = ("convnet", "resnet10", "resnet18")
-_STREAM_INIT, _STREAM_ORDER = 80, 81
+ARCHS = EVAL_ARCHS
 
 
 class ResNetEncoder(nn.Module):
@@ -49,7 +51,7 @@ def build_encoder(arch: str, shape: tuple[int, int, int], out_dim: int, seed: in
     c, h, w = shape
     if arch not in ARCHS:
         raise ConfigError(f"--arch {arch!r} is unknown; valid: {', '.join(ARCHS)}")
-    gen = make_generator(seed, _STREAM_INIT)
+    gen = make_generator(seed, Stream.PRETRAIN_INIT)
     with global_cpu_rng_from(gen):
         if arch == "convnet":
             if h != w:
@@ -58,8 +60,8 @@ def build_encoder(arch: str, shape: tuple[int, int, int], out_dim: int, seed: in
             base.update(in_channels=c, image_size=h, out_dim=out_dim)
             return ConvNet(ConvNetConfig(**{k: base[k] for k in base
                                             if k in ConvNetConfig.__dataclass_fields__}))
-        depth = int(arch.removeprefix("resnet"))
-        return ResNetEncoder(ResNetConfig(in_channels=c, depth=depth, base_width=64), out_dim)
+        rc = typing.cast(ResNetConfig, model_config(arch, in_channels=c, base_width=64))
+        return ResNetEncoder(rc, out_dim)
 
 
 def steps_per_epoch(n: int, batch_size: int, encoder: nn.Module) -> int:
@@ -97,7 +99,7 @@ def pretrain(
     loss_fn = loss_fn or F.mse_loss
     opt = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay)
-    gen = make_generator(seed, _STREAM_ORDER)
+    gen = make_generator(seed, Stream.PRETRAIN_ORDER)
     encoder.train()
     n = x.shape[0]
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())

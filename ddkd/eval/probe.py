@@ -14,9 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ddkd.runtime import make_generator
-
-_STREAM_SGD_PROBE = 71
+from ddkd.runtime import Stream, make_generator
 
 
 def _standardise(train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +86,7 @@ def linear_probe_sgd(
     weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     opt = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9)
-    gen = make_generator(seed, _STREAM_SGD_PROBE)
+    gen = make_generator(seed, Stream.SGD_PROBE)
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch

@@ -16,14 +16,17 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ddkd.config import DEFAULT_BASELINES, EvalConfig
 from ddkd.data.datasets import ImageTensors, load_dataset
-from ddkd.data.transforms import Normalization
+from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError
 from ddkd.eval.baseline_data import (
     BaselineData,
@@ -34,11 +37,11 @@ from ddkd.eval.baseline_data import (
 from ddkd.eval.budget import budget_tables
 from ddkd.eval.labels import label_subset
 from ddkd.eval.plot import plot_budget, plot_results
-from ddkd.eval.pretrain import ARCHS, build_encoder, pretrain, steps_per_epoch
+from ddkd.eval.pretrain import build_encoder, pretrain, steps_per_epoch
 from ddkd.eval.probe import linear_probe, linear_probe_sgd
 from ddkd.io.atomic import write_json, write_text
 from ddkd.io.experts import ExpertsFile
-from ddkd.io.run import open_run
+from ddkd.io.run import OpenedRun, open_run
 from ddkd.io.synthset import SynthSet, load_synthset
 from ddkd.io.weights import load_weights
 from ddkd.models.convnet import ConvNet, ConvNetConfig
@@ -46,16 +49,19 @@ from ddkd.models.functional import ParamSpec
 from ddkd.models.resnet import ResNet, ResNetConfig
 from ddkd.objectives import Objective, restore_objective
 from ddkd.probes import extract_features, knn_accuracy
-from ddkd.runtime import Ranks, environment_record, make_generator, sha256_file
+from ddkd.runtime import (
+    Ranks,
+    Stream,
+    environment_record,
+    global_rng_from,
+    make_generator,
+    sha256_file,
+)
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.subsets import high_loss_indices
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("none", "random", "high-loss", "ssl-random", "full", "teacher")
-DEFAULT_BASELINES = ("none", "random", "high-loss", "ssl-random", "teacher")
-PROBES = ("lbfgs", "sgd", "knn")
-_STREAM_RANDOM_SUBSET, _STREAM_SSL_HEAD = 90, 91
 _BASELINE_LR = 0.1  # MKDT's learning rate for every baseline trained on real images
 
 
@@ -82,7 +88,7 @@ class Method:
             return self.images, self.targets
         # One stream for every random-subset method: "random + KD" and "random + SSL" of a
         # seed see the same images, so the two rows differ only in the objective.
-        gen = make_generator(seed, _STREAM_RANDOM_SUBSET)
+        gen = make_generator(seed, Stream.RANDOM_SUBSET)
         idx = torch.randperm(len(self.images), generator=gen)[: self.subset_size]
         return self.images[idx], None if self.targets is None else self.targets[idx]
 
@@ -112,8 +118,7 @@ def _baselines(names: list[str], source: BaselineData | None, size: int, shape,
         raise ConfigError(f"{source.where} holds {tuple(source.images.shape[1:])} images but "
                           f"the sets are {tuple(shape)}")
     x_all = space(source.images)
-    objective = restore_objective(source.objective, source.objective_state,
-                                  source.targets.shape[1])
+    objective = source.objective
     z_all = objective.targets(source.targets)  # the objective's target space
     zca = source.zca
     if zca is not None:  # the run's targets and experts live in whitened space
@@ -121,41 +126,73 @@ def _baselines(names: list[str], source: BaselineData | None, size: int, shape,
     if {"random", "high-loss", "ssl-random"} & set(names) and size > len(x_all):
         raise ConfigError(f"the subset baselines need {size} images (the set's size); "
                           f"{source.where} has {len(x_all)}")
-    methods = []
-    for name in names:
-        if name == "none":
-            methods.append(Method("no pre-training", None, None, 0.0, space, baseline="none"))
-        elif name == "random":
-            methods.append(Method(f"random subset + KD (n={size})", x_all, z_all,
-                                  _BASELINE_LR, space, zca, subset_size=size,
-                                  objective=objective, baseline="random"))
-        elif name == "high-loss":
-            idx = _high_loss_subset(source, x_all, z_all, objective, size, sets, device)
-            methods.append(Method(f"high-loss subset + KD (n={size})", x_all[idx],
-                                  z_all[idx], _BASELINE_LR, space, zca, objective=objective,
-                                  baseline="high-loss"))
-        elif name == "ssl-random":
-            _, _, _, meta = load_weights(source.teacher_file)
-            # The teacher's own SSL objective where it is recorded; MKDT's otherwise.
-            method = meta.get("ssl") or "barlowtwins"
-            methods.append(Method(f"random subset + SSL ({method}, n={size})", source.images,
-                                  None, _BASELINE_LR, space, subset_size=size, ssl=method,
-                                  proj_dim=source.proj_dim, baseline="ssl-random"))
-        elif name == "full":
-            epochs = "" if full_epochs is None else f", {full_epochs} epochs"
-            methods.append(Method(f"full data + KD (n={len(x_all)}{epochs})", x_all, z_all,
-                                  _BASELINE_LR, space, zca, objective=objective,
-                                  baseline="full", epochs=full_epochs))
-        elif name == "teacher":
-            state, kind, arch, _ = load_weights(source.teacher_file)
-            if kind != "resnet":
-                raise ConfigError(f"the teacher of {source.where} is a {kind!r}; only ResNet "
-                                  "teachers can be rebuilt for evaluation")
-            teacher = ResNet(ResNetConfig(**arch))
-            teacher.load_state_dict(state)
-            methods.append(Method("teacher (ceiling)", None, None, 0.0, space,
-                                  fixed_encoder=teacher.eval(), baseline="teacher"))
-    return methods
+    data = _RealData(source, x_all, z_all, objective, zca, size, sets, device, full_epochs)
+    return [_BASELINE_BUILDERS[name](data) for name in names]
+
+
+@dataclass
+class _RealData:
+    """The run's images in the encoders' input space and its targets in the objective's."""
+
+    source: BaselineData
+    x: torch.Tensor  # (N, C, H, W)
+    z: torch.Tensor  # (N, D)
+    objective: Objective
+    zca: ZCA | None
+    size: int  # the subsets' size: the set's
+    sets: list[SynthSet]
+    device: torch.device
+    full_epochs: int | None = None  # --full-epochs: the full-data KD baseline's own epochs
+
+
+def _no_pretraining(d: _RealData) -> Method:
+    return Method("no pre-training", None, None, 0.0, d.source.normalization, baseline="none")
+
+
+def _random_kd(d: _RealData) -> Method:
+    return Method(f"random subset + KD (n={d.size})", d.x, d.z, _BASELINE_LR,
+                  d.source.normalization, d.zca, subset_size=d.size, objective=d.objective,
+                  baseline="random")
+
+
+def _high_loss_kd(d: _RealData) -> Method:
+    idx = _high_loss_subset(d.source, d.x, d.z, d.objective, d.size, d.sets, d.device)
+    return Method(f"high-loss subset + KD (n={d.size})", d.x[idx], d.z[idx], _BASELINE_LR,
+                  d.source.normalization, d.zca, objective=d.objective, baseline="high-loss")
+
+
+def _random_ssl(d: _RealData) -> Method:
+    _, _, _, meta = load_weights(d.source.teacher_file)
+    # The teacher's own SSL objective where it is recorded; MKDT's otherwise.
+    method = meta.get("ssl") or "barlowtwins"
+    return Method(f"random subset + SSL ({method}, n={d.size})", d.source.images, None,
+                  _BASELINE_LR, d.source.normalization, subset_size=d.size, ssl=method,
+                  proj_dim=d.source.proj_dim, baseline="ssl-random")
+
+
+def _full_kd(d: _RealData) -> Method:
+    epochs = "" if d.full_epochs is None else f", {d.full_epochs} epochs"
+    return Method(f"full data + KD (n={len(d.x)}{epochs})", d.x, d.z, _BASELINE_LR,
+                  d.source.normalization, d.zca, objective=d.objective, baseline="full",
+                  epochs=d.full_epochs)
+
+
+def _teacher(d: _RealData) -> Method:
+    state, kind, arch, _ = load_weights(d.source.teacher_file)
+    if kind != "resnet":
+        raise ConfigError(f"the teacher of {d.source.where} is a {kind!r}; only ResNet "
+                          "teachers can be rebuilt for evaluation")
+    teacher = ResNet(ResNetConfig(**arch))
+    teacher.load_state_dict(state)
+    return Method("teacher (ceiling)", None, None, 0.0, d.source.normalization,
+                  fixed_encoder=teacher.eval(), baseline="teacher")
+
+
+#: --baselines name -> the method it builds (names: ddkd.config.BASELINES)
+_BASELINE_BUILDERS: dict[str, Callable[[_RealData], Method]] = {
+    "none": _no_pretraining, "random": _random_kd, "high-loss": _high_loss_kd,
+    "ssl-random": _random_ssl, "full": _full_kd, "teacher": _teacher,
+}
 
 
 def _high_loss_subset(source: BaselineData, x_all: torch.Tensor, z_all: torch.Tensor,
@@ -199,36 +236,24 @@ def _downstream(name: str, data_root: str | None, shape) -> tuple[ImageTensors, 
 
 def run_evaluate(
     sets: list[str],
-    run_dir: str | None,
-    baselines: list[str] | None,
-    downstream: list[str] | None,
-    fractions: list[float],
-    seeds: int,
-    archs: list[str],
-    probe: str,
+    config: EvalConfig,
     out: str | Path,
     device: torch.device,
-    data_root: str | None = None,
-    epochs: int = 20,
-    stratified: bool = True,
+    run_dir: str | None = None,
     progress: bool = True,
     command: list[str] | None = None,
     dist: Ranks | None = None,
-    budgets: list[int] | None = None,
-    full_epochs: int | None = None,
 ) -> dict:
-    """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md,png} into ``out``.
+    """Evaluate ``sets`` and ``config.baselines``; writes results.{json,csv,md,png} into
+    ``out``. ``run_dir``: the teach run of the baselines (default: the sets' own).
 
     ``dist`` (``--devices``): the (method, architecture, seed) encoders are dealt out across
     processes (job i to rank i mod world size); rank 0 gathers every row and writes.
 
-    ``budgets`` (``--pretrain-steps``): every KD-trained method is also probed after each of
-    these numbers of SGD steps (``ddkd.eval.budget``); the full-data KD baseline is added, and
-    results.md gains the budget tables and each set's worth, budget.png the curves.
-
-    ``full_epochs`` (``--full-epochs``): the full-data KD baseline's epochs instead of
-    ``epochs``. On a whole split, 20 epochs are thousands of steps, far past any set's budget
-    curve, and the costliest job of the evaluation; its row then says its epochs.
+    ``config.pretrain_steps`` (``--pretrain-steps``): every KD-trained method is also probed
+    after each of these numbers of SGD steps (``ddkd.eval.budget``); the full-data KD baseline
+    is added, and results.md gains the budget tables and each set's worth, budget.png the
+    curves.
 
     Every finished encoder's rows are appended to ``out/jobs.jsonl`` at once, so that a rerun
     of the same evaluation (same configuration and set files) redoes none of them.
@@ -236,26 +261,33 @@ def run_evaluate(
     t0 = time.time()
     dist = dist or Ranks()
     out = prepare_out(out)
-    for b in budgets or []:
-        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            raise ConfigError(f"--pretrain-steps: every budget must be a whole number of SGD "
-                              f"steps >= 1, got {b!r}")
-    budgets = sorted(set(budgets)) if budgets else None
-    unknown = [b for b in baselines or [] if b not in BASELINES]
-    if unknown:
-        raise ConfigError(f"--baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
-    if probe not in PROBES:
-        raise ConfigError(f"--probe {probe!r} is unknown; valid: {', '.join(PROBES)}")
-    bad_archs = [a for a in archs if a not in ARCHS]
-    if bad_archs or not archs:
-        raise ConfigError(f"--arch {','.join(bad_archs)!r} is unknown; valid: {', '.join(ARCHS)}")
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    if full_epochs is not None and (isinstance(full_epochs, bool) or full_epochs < 1):
-        raise ConfigError(f"--full-epochs must be a whole number of epochs >= 1, got "
-                          f"{full_epochs!r}")
+    plan = prepare(sets, run_dir, config, device)
+    rows = evaluate_jobs(plan, out, progress, dist)
+    if rows is None:  # another process's rows: rank 0 writes them
+        return {"out": str(out), "rank": dist.rank}
+    table = write_results(out, plan, rows, {**environment_record(device), "command": command})
+    return {"out": str(out), "table": table, "seconds": round(time.time() - t0, 1),
+            "rows": len(rows)}
+
+
+@dataclass
+class _Plan:
+    """Everything ``evaluate`` decided and opened before the first encoder is trained."""
+
+    jobs: _JobPlan
+    methods: list[Method]
+    archs: list[str]
+    seeds: int
+    record: dict  # the resolved evaluation, as results.json records it
+    set_paths: list[str]
+
+
+def prepare(sets: list[str], run_dir: str | None, config: EvalConfig,
+            device: torch.device) -> _Plan:
+    """Open the sets and the baselines' run, build every method and the labelled subsets of
+    every task (refusing what cannot be evaluated before any training)."""
     loaded = [(path, load_synthset(path)) for path in sets]
-    if not loaded and not baselines:
+    if not loaded and not config.baselines:
         raise ConfigError("nothing to evaluate: give a synthetic set and/or --baselines")
     shapes = {tuple(s.images.shape[1:]) for _, s in loaded}
     if len(shapes) > 1:
@@ -265,7 +297,48 @@ def run_evaluate(
         candidate = loaded[0][1].provenance.get("run")
         run_dir = candidate if candidate and Path(candidate).is_dir() else None
     shipped = bool(run_dir is None and loaded and shipped_teacher_of(loaded[0][1]) is not None)
-    if baselines is None:  # the default: every baseline but the costly full-data one
+    baselines = _baseline_names(config, run_dir, loaded, shipped)
+    opened = open_run(run_dir) if not loaded and run_dir is not None else None
+    shape = shapes.pop() if shapes else None
+    if shape is None:
+        if opened is None:
+            raise ConfigError("baselines alone need --run RUN_DIR")
+        shape = tuple(opened.images.shape[1:])
+    size = len(loaded[0][1]) if loaded else None
+    if size is None and "random" in baselines:
+        raise ConfigError("the random baseline takes its size from a set: give one")
+    methods = [_set_method(p, s) for p, s in loaded]
+    source = None
+    if [b for b in baselines if b != "none"]:
+        source = (from_run(run_dir) if run_dir is not None else
+                  from_shipped_teacher(loaded[0][1], loaded[0][0], config.data_root, device)
+                  if shipped else None)
+    if config.full_epochs is not None and "full" not in baselines:
+        raise ConfigError("--full-epochs sets the full-data KD baseline's epochs, but it is not "
+                          "evaluated: add full to --baselines (or give --pretrain-steps)")
+    methods += _baselines(baselines, source, size or 0, shape, [s for _, s in loaded], device,
+                          config.full_epochs)
+    tasks = {name: _downstream(name, config.data_root, shape)
+             for name in _downstream_names(config, loaded, opened)}
+    jobs = _job_plan(config, tasks, shape, loaded, device)
+    record = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
+              "fractions": list(config.fractions), "seeds": config.seeds,
+              "archs": list(config.archs), "probe": config.probe, "epochs": config.epochs,
+              "stratified": config.stratified, "pretrain_steps": jobs.budgets or None}
+    if config.full_epochs is not None:  # only when given: journals of earlier evaluations hold
+        record["full_epochs"] = config.full_epochs
+    return _Plan(jobs, methods, list(config.archs), config.seeds, record, sets)
+
+
+def _baseline_names(config: EvalConfig, run_dir: str | None, loaded: list, shipped: bool
+                    ) -> list[str]:
+    """The baselines to train: those asked for, or the default (every one but the costly
+    full-data one; only none when the sets' run is not here); full is added for the budget
+    curve, whose reference it is."""
+    budgets = config.pretrain_steps
+    if config.baselines is not None:
+        baselines = list(config.baselines)
+    else:
         baselines = list(DEFAULT_BASELINES)
         if run_dir is None and loaded and not shipped:
             log.warning("the teach run of %s is not here (%s): comparing with no pre-training "
@@ -278,59 +351,50 @@ def run_evaluate(
     if budgets and run_dir is None and not shipped:
         raise ConfigError("--pretrain-steps measures sets against full-data KD, which needs "
                           "the teach run's images and targets: pass --run RUN_DIR")
-    shape = shapes.pop() if shapes else None
-    if shape is None:
-        if run_dir is None:
-            raise ConfigError("baselines alone need --run RUN_DIR")
-        shape = tuple(open_run(run_dir).images.shape[1:])
-    size = len(loaded[0][1]) if loaded else None
-    if size is None and "random" in baselines:
-        raise ConfigError("the random baseline takes its size from a set: give one")
-    methods = [_set_method(p, s) for p, s in loaded]
-    source = None
-    if [b for b in baselines if b != "none"]:
-        source = (from_run(run_dir) if run_dir is not None else
-                  from_shipped_teacher(loaded[0][1], loaded[0][0], data_root, device)
-                  if shipped else None)
-    if full_epochs is not None and "full" not in baselines:
-        raise ConfigError("--full-epochs sets the full-data KD baseline's epochs, but it is not "
-                          "evaluated: add full to --baselines (or give --pretrain-steps)")
-    methods += _baselines(baselines, source, size or 0, shape, [s for _, s in loaded], device,
-                          full_epochs)
-    if downstream is None:
-        source = loaded[0][1].provenance.get("source_dataset") if loaded else \
-            open_run(run_dir).teach_config["data"]["dataset"]
-        if not isinstance(source, str) or not source:
-            raise ConfigError(f"{loaded[0][0]} does not name the dataset it was distilled from "
-                              "(provenance.source_dataset): give --downstream NAME")
-        downstream = [source]
-    tasks = {name: _downstream(name, data_root, shape) for name in downstream}
-    # The labelled subsets (refusing impossible fractions before any training). Only the
-    # labelled training images are ever probed, so only their features are computed.
+    return baselines
+
+
+def _downstream_names(config: EvalConfig, loaded: list, opened: OpenedRun | None
+                      ) -> list[str]:
+    """The tasks to probe on: those asked for, or the dataset the sets were distilled from."""
+    if config.downstream is not None:
+        return list(config.downstream)
+    source = (loaded[0][1].provenance.get("source_dataset") if loaded
+              else typing.cast(OpenedRun, opened).dataset)  # (no sets: the run is opened)
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{loaded[0][0]} does not name the dataset it was distilled from "
+                          "(provenance.source_dataset): give --downstream NAME")
+    return [source]
+
+
+def _job_plan(config: EvalConfig, tasks: dict, shape, loaded: list,
+              device: torch.device) -> _JobPlan:
+    """The labelled subsets (refusing impossible fractions before any training) and what
+    every job shares. Only the labelled training images are ever probed, so only their
+    features are computed."""
     labelled = {(task, f, seed): label_subset(train.labels, f, seed, train.num_classes,
-                                              stratified)
-                for task, (train, _) in tasks.items() for f in fractions
-                for seed in range(seeds)}
+                                              config.stratified)
+                for task, (train, _) in tasks.items() for f in config.fractions
+                for seed in range(config.seeds)}
     # An encoder of seed s is probed with seed s's labels only: its features of those images.
     needed = {(task, seed): torch.unique(torch.cat([idx for (t, _, s), idx in labelled.items()
                                                     if t == task and s == seed]))
-              for task in tasks for seed in range(seeds)}
+              for task in tasks for seed in range(config.seeds)}
     student = loaded[0][1].provenance.get("student") if loaded else None
-    config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
-              "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
-              "epochs": epochs, "stratified": stratified, "pretrain_steps": budgets}
-    if full_epochs is not None:  # only when given: journals of earlier evaluations stay valid
-        config["full_epochs"] = full_epochs
+    return _JobPlan(tasks, labelled, needed, list(config.fractions), config.probe, shape,
+                    student, config.epochs, list(config.pretrain_steps or []), device)
 
+
+def evaluate_jobs(plan: _Plan, out: Path, progress: bool, dist: Ranks) -> list[dict] | None:
+    """Train and probe this process's (method, arch, seed) jobs, those not in the journal
+    yet; -> every row, in job order (on rank 0; None on the others)."""
     # The teacher is one fixed network: one row, whatever --arch says (seeds vary the labels).
-    jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in methods
-            for a in (archs[:1] if m.fixed_encoder is not None else archs)
-            for s in range(seeds)]
+    jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in plan.methods
+            for a in (plan.archs[:1] if m.fixed_encoder is not None else plan.archs)
+            for s in range(plan.seeds)]
     mine = [(i, job) for i, job in enumerate(jobs) if i % dist.world == dist.rank]
-    plan = _JobPlan(tasks, labelled, needed, fractions, probe, shape, student, epochs,
-                    budgets or [], device)
     journal = _Journal(out / ("jobs.jsonl" if dist.world == 1 else f"jobs-{dist.rank}.jsonl"),
-                       _journal_key(config, [p for p, _ in loaded]))
+                       _journal_key(plan.record, plan.set_paths))
     done = journal.load()
     if done:
         log.info("resuming: %d of %d encoders already evaluated in %s", len(done), len(mine),
@@ -342,7 +406,7 @@ def run_evaluate(
         bar.set_postfix(method=method.name[:24], arch=arch, seed=seed)
         key = f"{method.name}|{arch}|{seed}"
         if key not in done:
-            job_rows = _job_rows(plan, method, arch, seed)
+            job_rows = _job_rows(plan.jobs, method, arch, seed)
             journal.append(key, job_rows)
             done[key] = job_rows
         for i, r in enumerate(done[key]):
@@ -351,26 +415,30 @@ def run_evaluate(
         rows = sorted((r for part in dist.gather(rows) for r in part),
                       key=lambda r: r["_order"])
         if not dist.is_main:
-            return {"out": str(out), "rank": dist.rank}
-    rows = [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+            return None
+    return [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+
+
+def write_results(out: Path, plan: _Plan, rows: list[dict], environment: dict) -> str:
+    """results.{json,csv,md,png} (and budget.png with budgets); -> the markdown table."""
+    fractions, tasks, budgets = plan.jobs.fractions, list(plan.jobs.tasks), plan.jobs.budgets
     standard = [r for r in rows if r["standard"]]
-    table = markdown_table(standard, fractions, list(tasks))
-    paired = paired_tables(standard, fractions, list(tasks))
+    table = markdown_table(standard, fractions, tasks)
+    paired = paired_tables(standard, fractions, tasks)
     if paired:
         table += "\n\n" + paired
-    curve = budget_tables(rows, fractions, list(tasks)) if budgets else ""
+    curve = budget_tables(rows, fractions, tasks) if budgets else ""
     if curve:
         table += "\n\n## Pre-training budget (probe accuracy against SGD steps)\n\n" + curve
-    write_json(out / "results.json", {"config": config, "rows": rows,
-                                      "environment": {**environment_record(device),
-                                                      "command": command}})
+    write_json(out / "results.json", {"config": plan.record, "rows": rows,
+                                      "environment": environment})
     _write_csv(out / "results.csv", rows)
     write_text(out / "results.md", table + "\n")
-    plot_results(standard, out / "results.png", title=f"{probe} probe, {seeds} seed(s)")
+    title = f"{plan.jobs.probe} probe, {plan.seeds} seed(s)"
+    plot_results(standard, out / "results.png", title=title)
     if budgets:
-        plot_budget(rows, out / "budget.png", title=f"{probe} probe, {seeds} seed(s)")
-    return {"out": str(out), "table": table, "seconds": round(time.time() - t0, 1),
-            "rows": len(rows)}
+        plot_budget(rows, out / "budget.png", title=title)
+    return table
 
 
 def prepare_out(out: str | Path) -> Path:
@@ -419,7 +487,7 @@ def _job_rows(plan: _JobPlan, method: Method, arch: str, seed: int) -> list[dict
         return _probe_rows(plan, encoder, method, seed, {
             **info, "steps": steps, "standard": True, "budget": False,
             "train_seconds": seconds, "pretrain_final_loss": loss})
-    images, targets = method.data(seed)
+    images, targets = typing.cast(tuple[torch.Tensor, torch.Tensor], method.data(seed))
     encoder = _fresh_encoder(method, arch, seed, plan.shape, plan.student, targets)
     encoder = encoder.to(plan.device)
     epochs = method.epochs or plan.epochs
@@ -544,6 +612,7 @@ def _encoder(method: Method, arch: str, seed: int, shape, student, epochs: int,
     if method.ssl is not None:
         return _pretrain_ssl(encoder, method, images, seed, shape, epochs, device)
     loss_fn = method.objective.to(device).loss if method.objective is not None else None
+    targets = typing.cast(torch.Tensor, targets)  # a KD method has its targets
     losses = pretrain(encoder, images.to(device), targets.to(device), method.lr, seed,
                       epochs=epochs, loss_fn=loss_fn)
     return encoder, losses[-1]
@@ -560,10 +629,9 @@ def _pretrain_ssl(encoder, method: Method, images: torch.Tensor, seed: int, shap
     schedule = SSLSchedule(epochs=epochs, batch_size=256, lr=_BASELINE_LR, weight_decay=1e-4)
     # The projection head is initialised from the global RNG: fix it by the seed, or the row
     # would depend on what ran before it in the process.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        head_gen = make_generator(seed, _STREAM_SSL_HEAD)
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=head_gen)))
-        trainer = SSLTrainer(backbone, feature_dim, method.ssl, schedule, method.space, shape,
+    with global_rng_from(make_generator(seed, Stream.SSL_HEAD), device):
+        trainer = SSLTrainer(backbone, feature_dim, typing.cast(str, method.ssl), schedule,
+                             method.space, shape,
                              device, seed, proj_dim=method.proj_dim)
     loss = None
     for _ in range(epochs):

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ddkd
 from ddkd.errors import ConfigError, FileFormatError
 from ddkd.interop.published import format_values
 from ddkd.io.atomic import atomic_path, write_json
 from ddkd.io.synthset import SynthSet, load_synthset
+from ddkd.version import __version__
 
 EXPORT_FORMATS = ("npz", "safetensors", "png-folder", "pt")
 PT_LAYOUTS = ("mkdt", "mtt", "krr-st")
@@ -91,7 +91,7 @@ def sidecar(s: SynthSet, source: Path, fmt: str, arrays: dict[str, np.ndarray] |
         "format_version": SIDECAR_VERSION,
         "export_format": fmt,
         "exported_from": {"path": str(source), "sha256": sha256_file(source)},
-        "ddkd_version": ddkd.__version__,
+        "ddkd_version": __version__,
         "lr": float(s.lr),
         "objective": s.objective,
         "targets": target_kind(s),

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ddkd.config import DATASET_NAMES, is_dataset_name
 from ddkd.errors import ConfigError, FileFormatError
 from ddkd.interop import published
 from ddkd.interop.torchfiles import load_tensor
@@ -108,6 +109,26 @@ def resolve_files(fmt: str, paths: list[Path], iteration: str | None
                   ) -> tuple[dict[str, Path], str, list[str]]:
     """PATHs (folders holding the files, or the files themselves) -> ({role: file}, the tag
     chosen, every tag with a complete set)."""
+    found, seen = _files_by_tag(fmt, paths)
+    complete = sorted((t for t, roles in found.items() if {"images", "targets"} <= set(roles)),
+                      key=_tag_order)
+    where = ", ".join(str(p) for p in paths)
+    tag = _chosen_tag(fmt, complete, iteration, where, seen)
+    if "lr" not in found[tag] and fmt != "krr-st":
+        # MKDT and MTT both save images_{it}.pt / labels_{it}.pt: the step size's name tells
+        # the two layouts apart
+        theirs = {"mkdt": (f"lr_{tag}.pt", "mtt"), "mtt": (f"synlr_{tag}.pt", "mkdt"),
+                  "datm": (f"synlr_{tag}.pt", "mkdt")}[fmt]
+        if theirs[0] in seen:
+            raise FileFormatError(f"{where}: {theirs[0]} beside images_{tag}.pt is the step size "
+                                  f"of the {theirs[1]} layout, not {fmt}'s: use `ddkd import "
+                                  f"{theirs[1]}`")
+    return found[tag], tag, complete
+
+
+def _files_by_tag(fmt: str, paths: list[Path]
+                  ) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """``({tag: {role: file}}, every file name seen)`` of the layout ``fmt`` in PATHs."""
     layout = LAYOUTS[fmt]
     found: dict[str, dict[str, Path]] = {}
     seen: list[str] = []
@@ -134,40 +155,33 @@ def resolve_files(fmt: str, paths: list[Path], iteration: str | None
             if previous is not None and previous.resolve() != file.resolve():
                 raise FileFormatError(f"two {kind} files for the same set: {previous} and {file}")
             found[tag][kind] = file
-    complete = sorted((t for t, roles in found.items() if {"images", "targets"} <= set(roles)),
-                      key=_tag_order)
-    where = ", ".join(str(p) for p in paths)
+    return found, seen
+
+
+def _chosen_tag(fmt: str, complete: list[str], iteration: str | None, where: str,
+                seen: list[str]) -> str:
+    """The set to import among the ``complete`` ones: ``--iteration``'s, or the published
+    codes' preferred one (MTT/DATM's best, otherwise the last iteration)."""
     if iteration is not None:
         tag = "" if (fmt == "krr-st" and iteration in ("", "none")) else str(iteration)
         if tag not in complete:
             have = ", ".join(t or "(no suffix)" for t in complete) or "none"
             raise FileFormatError(f"{where}: no complete {fmt} set for --iteration {iteration} "
                                   f"(images and targets of: {have})")
-    elif not complete:
+        return tag
+    if not complete:
         others = _other_layouts(fmt, seen)
         hint = (f"; they are files of the {others[0]} layout: use `ddkd import {others[0]}`"
                 if others else "")
         listing = (", ".join(seen[:6]) + (", ..." if len(seen) > 6 else "")
                    if seen else "no .pt files")
-        raise FileFormatError(f"{where} holds no {fmt} set ({layout.shown}): found {listing}"
-                              f"{hint}")
-    elif fmt == "krr-st" and len(complete) > 1:
+        raise FileFormatError(f"{where} holds no {fmt} set ({LAYOUTS[fmt].shown}): found "
+                              f"{listing}{hint}")
+    if fmt == "krr-st" and len(complete) > 1:
         raise FileFormatError(f"{where} holds both x_syn.pt/y_syn.pt and x_syn_final.pt/"
                               "y_syn_final.pt: name the two files to import, or pass "
                               "--iteration final (or --iteration none)")
-    else:
-        # the published codes' preferred set: MTT/DATM's best, otherwise the last iteration
-        tag = "best" if "best" in complete else complete[-1]
-    if "lr" not in found[tag] and fmt != "krr-st":
-        # MKDT and MTT both save images_{it}.pt / labels_{it}.pt: the step size's name tells
-        # the two layouts apart
-        theirs = {"mkdt": (f"lr_{tag}.pt", "mtt"), "mtt": (f"synlr_{tag}.pt", "mkdt"),
-                  "datm": (f"synlr_{tag}.pt", "mkdt")}[fmt]
-        if theirs[0] in seen:
-            raise FileFormatError(f"{where}: {theirs[0]} beside images_{tag}.pt is the step size "
-                                  f"of the {theirs[1]} layout, not {fmt}'s: use `ddkd import "
-                                  f"{theirs[1]}`")
-    return found[tag], tag, complete
+    return "best" if "best" in complete else complete[-1]
 
 
 def _tag_order(tag: str) -> tuple[int, int]:
@@ -268,30 +282,19 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"--lr must be a positive number, got {lr}")
-    if dataset is not None:
-        from ddkd.data.datasets import DATASET_NAMES, is_valid_name
-
-        if not is_valid_name(dataset):
-            raise ConfigError(f"--dataset {dataset!r} is unknown; valid: "
-                              f"{', '.join(DATASET_NAMES)}")
-    paths = [Path(p) for p in paths]
+    if dataset is not None and not is_dataset_name(dataset):
+        raise ConfigError(f"--dataset {dataset!r} is unknown; valid: "
+                          f"{', '.join(DATASET_NAMES)}")
+    files_in = [Path(p) for p in paths]
     if fmt in ("npz", "safetensors"):
-        synth, files = _read_export(fmt, paths, dataset, normalization, lr, zca, iteration)
+        synth, files = _read_export(fmt, files_in, dataset, normalization, lr, zca, iteration)
         provenance = {**synth.provenance, "read_from": _files_record(fmt, files)}
         synth.provenance = provenance
         save_synthset(out, synth)
         return _summary(out, synth, {"lr": "the export", "normalization": "the export"})
 
-    files, tag, tags = resolve_files(fmt, paths, iteration)
-    images = load_tensor(files["images"], f"the images of a {fmt} set")
-    if images.ndim != 4 or not images.is_floating_point():
-        raise FileFormatError(f"{files['images'].name} holds a {images.ndim}-d "
-                              f"{str(images.dtype).removeprefix('torch.')} tensor "
-                              f"{tuple(images.shape)}; the {fmt} layout has (n, C, H, W) float "
-                              "images there")
-    images = images.float().contiguous()
-    if not bool(torch.isfinite(images).all()):
-        raise FileFormatError(f"{files['images'].name} holds NaN or infinite pixels")
+    files, tag, tags = resolve_files(fmt, files_in, iteration)
+    images = _read_images(fmt, files["images"])
     n, c, h, w = images.shape
     targets = read_targets(fmt, files["targets"], load_tensor(files["targets"], "targets"), n,
                            dataset)
@@ -306,7 +309,43 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         normalization = "none"
     norm, norm_source = published.resolve_normalization(normalization, code, dataset, h, c)
     whitening = _fit_zca(dataset, data_root, (c, h, w)) if zca else None
-    provenance = {
+    provenance = _provenance(fmt, files, tag, targets, lr_source, norm_source, zca, dataset,
+                             h, command)
+    synth = SynthSet(
+        images=images, targets=targets.values, lr=step,
+        mean=torch.tensor(norm.mean, dtype=torch.float64),
+        std=torch.tensor(norm.std, dtype=torch.float64),
+        objective=targets.objective, provenance=provenance,
+        config={"import": {"format": fmt, "dataset": dataset, "normalization": normalization,
+                           "lr": lr, "zca": zca, "iteration": iteration}},
+        init_indices=torch.full((n,), -1, dtype=torch.int64),
+        zca=whitening,
+    )
+    save_synthset(out, synth)
+    return _summary(out, synth, {"lr": lr_source, "normalization": norm_source,
+                                 "targets": targets.kind, "iteration": tag,
+                                 "iterations": tags})
+
+
+def _read_images(fmt: str, path: Path) -> torch.Tensor:
+    """The ``(n, C, H, W)`` float32 images of a published set's file, checked."""
+    images = load_tensor(path, f"the images of a {fmt} set")
+    if images.ndim != 4 or not images.is_floating_point():
+        raise FileFormatError(f"{path.name} holds a {images.ndim}-d "
+                              f"{str(images.dtype).removeprefix('torch.')} tensor "
+                              f"{tuple(images.shape)}; the {fmt} layout has (n, C, H, W) float "
+                              "images there")
+    images = images.float().contiguous()
+    if not bool(torch.isfinite(images).all()):
+        raise FileFormatError(f"{path.name} holds NaN or infinite pixels")
+    return images
+
+
+def _provenance(fmt: str, files: dict[str, Path], tag: str, targets, lr_source: str,
+                norm_source: str, zca: bool, dataset: str | None, h: int,
+                command: list[str] | None) -> dict:
+    """What an imported set records of where it comes from."""
+    return {
         "imported": {
             **_files_record(fmt, list(files.values()), roles=files),
             "code": _REPO[fmt],
@@ -326,20 +365,6 @@ def import_set(fmt: str, paths: list[str | Path], out: str | Path, dataset: str 
         "student": {"depth": published.student_depth(h), "width": 128, "norm": "instancenorm"},
         "environment": _environment(command),
     }
-    synth = SynthSet(
-        images=images, targets=targets.values, lr=step,
-        mean=torch.tensor(norm.mean, dtype=torch.float64),
-        std=torch.tensor(norm.std, dtype=torch.float64),
-        objective=targets.objective, provenance=provenance,
-        config={"import": {"format": fmt, "dataset": dataset, "normalization": normalization,
-                           "lr": lr, "zca": zca, "iteration": iteration}},
-        init_indices=torch.full((n,), -1, dtype=torch.int64),
-        zca=whitening,
-    )
-    save_synthset(out, synth)
-    return _summary(out, synth, {"lr": lr_source, "normalization": norm_source,
-                                 "targets": targets.kind, "iteration": tag,
-                                 "iterations": tags})
 
 
 def _read_export(fmt: str, paths: list[Path], dataset, normalization, lr, zca, iteration):

@@ -151,17 +151,7 @@ def import_replay_buffers(paths: list[str | Path], run_dir: str | Path, source: 
         raise ConfigError(f"--expert-lr must be a positive number, got {expert_lr}")
     run = RunDir(Path(run_dir))
     sc, config, meta = run_student(run, data_root)
-    if run.experts.exists() and not overwrite:
-        raise ConfigError(f"--run {run.root} already has experts ({run.experts}); pass "
-                          "--overwrite to replace them")
-    if sc.output != "linear":
-        raise ConfigError(f"--run {run.root}: its objective {meta['objective']} trains a "
-                          "parameter-free output, the buffers' ConvNet a linear classifier")
-    if sc.in_channels == 1:
-        raise ConfigError(
-            "replay buffers of 1-channel images do not fit ddkd's ConvNet: the published "
-            "ConvNet's first convolution pads by 3 on 1-channel input (networks.py), ddkd's by "
-            "1, so the same parameters compute another function")
+    _check_run(run, sc, meta, overwrite)
     _check_normalization(normalization, source, config, meta, sc, run)
     spec = ParamSpec.of(ConvNet(sc))
     files = [Path(p) for p in paths]
@@ -172,33 +162,8 @@ def import_replay_buffers(paths: list[str | Path], run_dir: str | Path, source: 
     if shards.exists():
         shutil.rmtree(shards)
     shards.mkdir()
-    records, epochs, k = [], None, 0
     try:
-        for f in files:
-            buffer = load_pt(f)  # weights_only: a buffer that needs code is refused
-            if not isinstance(buffer, list | tuple) or not buffer:
-                raise FileFormatError(
-                    f"{f} holds a {type(buffer).__name__}"
-                    + (" (empty)" if isinstance(buffer, list | tuple) else "")
-                    + ", not a list of experts: not an MTT replay buffer "
-                    "(replay_buffer_{n}.pt: experts -> per-epoch snapshots -> parameters)")
-            in_file = len(buffer)
-            for i, expert in enumerate(buffer):
-                trajectory = flatten_expert(expert, spec, f"{f.name} expert {i}", sc)
-                if epochs is None:
-                    epochs = trajectory.shape[0] - 1
-                elif trajectory.shape[0] - 1 != epochs:
-                    raise FileFormatError(f"{f.name} expert {i} has {trajectory.shape[0] - 1} "
-                                          f"epochs, the first expert {epochs}: one experts file "
-                                          "holds trajectories of one length")
-                if epochs < 1:
-                    raise FileFormatError(f"{f.name} expert {i} holds only its initialisation")
-                write_expert_shard(shards / f"expert_{k:04d}.h5", trajectory, [], seed=-1,
-                                   dtype="float32")
-                k += 1
-            del buffer  # one file's snapshots in memory at a time
-            records.append({"path": str(f.resolve()), "sha256": sha256_file(f),
-                            "experts": in_file})
+        records, epochs, k = _write_shards(files, spec, sc, shards)
         lr = expert_lr if expert_lr is not None else published.EXPERT_LR[source]
         experts_config = {
             **config["experts"], "num_experts": k, "epochs": epochs, "lr": lr,
@@ -221,6 +186,55 @@ def import_replay_buffers(paths: list[str | Path], run_dir: str | Path, source: 
             shutil.rmtree(shards)
     return {"experts_file": str(run.experts), "experts": k, "epochs": int(epochs),
             "n_params": spec.numel, "student": _describe(sc), "lr": lr}
+
+
+def _check_run(run: RunDir, sc: ConvNetConfig, meta: dict, overwrite: bool) -> None:
+    """The run can take the buffers' experts: none yet (or --overwrite), a linear head, and
+    images the published ConvNet computes the same function on."""
+    if run.experts.exists() and not overwrite:
+        raise ConfigError(f"--run {run.root} already has experts ({run.experts}); pass "
+                          "--overwrite to replace them")
+    if sc.output != "linear":
+        raise ConfigError(f"--run {run.root}: its objective {meta['objective']} trains a "
+                          "parameter-free output, the buffers' ConvNet a linear classifier")
+    if sc.in_channels == 1:
+        raise ConfigError(
+            "replay buffers of 1-channel images do not fit ddkd's ConvNet: the published "
+            "ConvNet's first convolution pads by 3 on 1-channel input (networks.py), ddkd's by "
+            "1, so the same parameters compute another function")
+
+
+def _write_shards(files: list[Path], spec: ParamSpec, sc: ConvNetConfig, shards: Path
+                  ) -> tuple[list[dict], int, int]:
+    """Every buffer's experts as shards in ``shards``; -> (a record per file, epochs,
+    experts)."""
+    records, epochs, k = [], None, 0
+    for f in files:
+        buffer = load_pt(f)  # weights_only: a buffer that needs code is refused
+        if not isinstance(buffer, list | tuple) or not buffer:
+            raise FileFormatError(
+                f"{f} holds a {type(buffer).__name__}"
+                + (" (empty)" if isinstance(buffer, list | tuple) else "")
+                + ", not a list of experts: not an MTT replay buffer "
+                "(replay_buffer_{n}.pt: experts -> per-epoch snapshots -> parameters)")
+        in_file = len(buffer)
+        for i, expert in enumerate(buffer):
+            trajectory = flatten_expert(expert, spec, f"{f.name} expert {i}", sc)
+            if epochs is None:
+                epochs = trajectory.shape[0] - 1
+            elif trajectory.shape[0] - 1 != epochs:
+                raise FileFormatError(f"{f.name} expert {i} has {trajectory.shape[0] - 1} "
+                                      f"epochs, the first expert {epochs}: one experts file "
+                                      "holds trajectories of one length")
+            if epochs < 1:
+                raise FileFormatError(f"{f.name} expert {i} holds only its initialisation")
+            write_expert_shard(shards / f"expert_{k:04d}.h5", trajectory, [], seed=-1,
+                               dtype="float32")
+            k += 1
+        del buffer  # one file's snapshots in memory at a time
+        records.append({"path": str(f.resolve()), "sha256": sha256_file(f),
+                        "experts": in_file})
+    return records, int(epochs or 0), k
 
 
 def _check_normalization(spec: str | None, source: str, config: dict, meta: dict,

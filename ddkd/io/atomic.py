@@ -145,7 +145,7 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    out = []
+    out: list[dict] = []
     if not Path(path).exists():
         return out
     for line in Path(path).read_text().splitlines():

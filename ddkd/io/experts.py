@@ -34,10 +34,10 @@ import h5py
 import numpy as np
 import torch
 
-import ddkd
 from ddkd.errors import FileFormatError
 from ddkd.io.atomic import atomic_path
 from ddkd.models.functional import ParamSpec
+from ddkd.version import __version__
 
 FORMAT = "ddkd-experts"
 VERSION = 1
@@ -97,7 +97,7 @@ def assemble_experts(path: Path, shard_dir: Path, header: ExpertsHeader) -> None
             fh.attrs["experts_config"] = json.dumps(header.experts_config, sort_keys=True)
             fh.attrs["objective"] = header.objective
             fh.attrs["seed"] = header.seed
-            fh.attrs["ddkd_version"] = ddkd.__version__
+            fh.attrs["ddkd_version"] = __version__
             group = fh.create_group("experts")
             for k in range(header.num_experts):
                 trajectory, losses, seed = read_expert_shard(shard_dir / f"expert_{k:04d}.h5")

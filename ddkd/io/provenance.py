@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ddkd.io.run import OpenedRun
 from ddkd.io.weights import load_weights
 from ddkd.runtime import sha256_file
 
@@ -31,3 +32,31 @@ def teacher_record(run_teacher: str | Path, teacher_config: dict) -> dict:
         checksum = meta.get("source_checksum") or run_checksum
     return {"source": source, "ssl": ssl, "epochs": epochs, "arch": {"kind": kind, **arch},
             "file": file, "checksum": checksum, "run_teacher_checksum": run_checksum}
+
+
+def synth_provenance(opened: OpenedRun, num_experts: int, student: dict, config: dict,
+                     probes: tuple[float, float], processes: int, environment: dict) -> dict:
+    """What a synthetic set records of where it comes from: the run (dataset, checksums of its
+    images, teacher and experts, its configuration), the student, how it was made (``config``:
+    the resolved SynthConfig as a dict) and the matching loss of the initial and final set
+    (``probes``)."""
+    teacher = teacher_record(opened.run.teacher, opened.teach_config["teacher"])
+    return {
+        "source_dataset": opened.dataset,
+        "source_train_checksum": opened.environment["inputs"]["train_checksum"],
+        "source_num_classes": opened.num_classes,
+        "run": str(opened.run.root.resolve()),
+        "teacher_checksum": teacher["checksum"],
+        "teacher": teacher,
+        "experts_checksum": sha256_file(opened.run.experts),
+        "num_experts": num_experts,
+        "student": student,
+        "init": config["init"],
+        "iterations": config["iterations"],
+        "matching_loss_initial": probes[0],
+        "matching_loss_final": probes[1],
+        "seed": config["seed"],
+        "processes": processes,
+        "teach_config": opened.teach_config,
+        "environment": environment,
+    }

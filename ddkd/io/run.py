@@ -27,8 +27,11 @@ import h5py
 import numpy as np
 import torch
 
+from ddkd.config import TeachConfig, build_config
+from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, FileFormatError
 from ddkd.io.atomic import atomic_path, remove_stale_temps, write_json
+from ddkd.objectives import Objective, restore_objective
 
 TARGETS_FORMAT = "ddkd-targets"
 
@@ -258,28 +261,61 @@ def load_targets(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 @dataclass
 class OpenedRun:
-    """A complete ``ddkd teach`` run, loaded for the later stages."""
+    """A complete ``ddkd teach`` run, loaded for the later stages, with the objects each of
+    them needs built once, here: the input space (normalisation, ZCA) and the fitted objective.
+    """
 
     run: RunDir
-    teach_config: dict  # as written in config.json
+    config: TeachConfig  # the run's configuration, validated as the command line's
+    teach_config: dict  # as written in config.json (recorded as is in a set's provenance)
     environment: dict
     images: torch.Tensor  # (N, C, H, W) uint8: the run's training images
     labels: torch.Tensor  # (N,) (evaluation only)
     num_classes: int
     indices: torch.Tensor  # (N,) into the dataset's training split
     targets: torch.Tensor  # (N, D) float32: the teacher's raw features
-    normalization: dict  # {"mean": [...], "std": [...]}
-    zca: dict[str, torch.Tensor] | None  # mean, matrix, inverse; None without whitening
-    objective: str = "mse"  # the KD objective of the experts
-    objective_state: dict[str, torch.Tensor] | None = None  # its fitted state
+    normalization: Normalization  # the teacher's (and the experts') input normalisation
+    zca: ZCA | None  # the experts' whitening (data.zca); None without
+    objective: Objective  # the experts' KD objective, fitted (on the CPU)
+
+    @property
+    def dataset(self) -> str:
+        return self.config.data.dataset
 
 
 def open_run(root: str | Path) -> OpenedRun:
-    """Check that ``root`` is a complete teach run and load its data and targets."""
-    from ddkd.config import TeachConfig, build_config
+    """Check that ``root`` is a complete teach run and load its data, targets and objective."""
     from ddkd.data.datasets import load_dataset
 
     run = RunDir(Path(root))
+    _check_complete(run)
+    flag = f"--run {run.root}"
+    record = read_teach_record(run.config, flag)
+    env = read_environment(run.environment, flag)
+    try:  # the same rules as the command line's (types, ranges, known keys)
+        teach = build_config(TeachConfig, record["config"])
+    except ConfigError as err:
+        raise ConfigError(f"{flag}: {run.config} holds an invalid teach configuration: "
+                          f"{err}") from err
+    targets, indices, meta = load_targets(run.targets)
+    data = teach.data
+    train = load_dataset(data.dataset, "train", data.data_root).subset(indices)
+    if train.checksum() != env["inputs"]["train_checksum"]:
+        raise ConfigError(f"the training images of {data.dataset} differ from those the run "
+                          f"{run.root} was made from (checksum mismatch): the dataset changed")
+    norm = meta["normalization"]
+    zca = load_zca(run.targets)
+    name, state = load_objective_state(run.targets)
+    return OpenedRun(
+        run, teach, record["config"], env, train.images, train.labels, train.num_classes,
+        indices, targets,
+        normalization=Normalization(tuple(norm["mean"]), tuple(norm["std"])),
+        zca=ZCA(**zca, eps=data.zca_eps) if zca is not None else None,
+        objective=restore_objective(name, state, targets.shape[1]),
+    )
+
+
+def _check_complete(run: RunDir) -> None:
     if run.root.exists() and not run.root.is_dir():
         raise ConfigError(f"--run {run.root} is a file; give the run directory that `ddkd "
                           "teach --out DIR` wrote")
@@ -294,22 +330,3 @@ def open_run(root: str | Path) -> OpenedRun:
     if missing:
         raise ConfigError(f"--run {run.root} is incomplete (missing {', '.join(missing)}); "
                           "finish it with `ddkd teach --out DIR --resume`")
-    flag = f"--run {run.root}"
-    record = read_teach_record(run.config, flag)
-    env = read_environment(run.environment, flag)
-    config = record["config"]
-    try:  # the same rules as the command line's (types, ranges, known keys)
-        teach = build_config(TeachConfig, config)
-    except ConfigError as err:
-        raise ConfigError(f"{flag}: {run.config} holds an invalid teach configuration: "
-                          f"{err}") from err
-    targets, indices, meta = load_targets(run.targets)
-    data = teach.data
-    train = load_dataset(data.dataset, "train", data.data_root).subset(indices)
-    if train.checksum() != env["inputs"]["train_checksum"]:
-        raise ConfigError(f"the training images of {data.dataset} differ from those the run "
-                          f"{run.root} was made from (checksum mismatch): the dataset changed")
-    objective, objective_state = load_objective_state(run.targets)
-    return OpenedRun(run, config, env, train.images, train.labels, train.num_classes, indices,
-                     targets, meta["normalization"], load_zca(run.targets), objective,
-                     objective_state)

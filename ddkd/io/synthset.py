@@ -96,7 +96,7 @@ def save_synthset(path: str | Path, s: SynthSet) -> None:
     _validate(s, str(path))
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as fh:
-        import ddkd
+        from ddkd.version import __version__
 
         fh.attrs["format"] = FORMAT
         fh.attrs["format_version"] = VERSION
@@ -104,7 +104,7 @@ def save_synthset(path: str | Path, s: SynthSet) -> None:
         fh.attrs["objective"] = s.objective
         fh.attrs["provenance"] = json.dumps(s.provenance, sort_keys=True)
         fh.attrs["config"] = json.dumps(s.config, sort_keys=True)
-        fh.attrs["ddkd_version"] = ddkd.__version__
+        fh.attrs["ddkd_version"] = __version__
         fh.create_dataset("images", data=s.images.detach().cpu().numpy().astype(np.float32))
         fh.create_dataset("targets", data=s.targets.detach().cpu().numpy().astype(np.float32))
         fh.create_dataset("init_indices", data=s.init_indices.cpu().numpy().astype(np.int64))

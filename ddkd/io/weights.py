@@ -64,7 +64,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict, 
                     f"{path} is {FORMAT} version {version}; this ddkd reads up to {VERSION}: "
                     "upgrade ddkd"
                 )
-            state = {}
+            state: dict[str, torch.Tensor] = {}
             fh["state"].visititems(
                 lambda name, obj: state.__setitem__(name.replace("/", "."), obj)
                 if isinstance(obj, h5py.Dataset)

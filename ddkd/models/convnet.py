@@ -38,7 +38,9 @@ class ConvNetConfig:
         """Side of block ``s``'s (0-based) square output map."""
         return self.image_size // 2 ** (s + 1)
 
+    @property
     def feature_dim(self) -> int:
+        """Width of the flat features (as ResNetConfig.feature_dim)."""
         return self.width * self.block_size(self.depth - 1) ** 2
 
 
@@ -89,7 +91,7 @@ class ConvNet(nn.Module):
             raise ValueError(f"unknown ConvNet output {config.output!r}; expected linear, "
                              "prenorm or prerelu")
         elif config.out_dim:
-            self.head = nn.Linear(config.feature_dim(), config.out_dim)
+            self.head = nn.Linear(config.feature_dim, config.out_dim)
 
     def block(self, s: int) -> nn.Sequential:
         """Block ``s`` (0-based): conv, norm, ReLU, pool; output ``config.block_size(s)`` square."""

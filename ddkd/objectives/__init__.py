@@ -5,6 +5,9 @@ Each is one small unit with the interface of :class:`ddkd.objectives.base.Object
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError
 from ddkd.objectives.base import Objective
 from ddkd.objectives.kdep import KDEPObjective
@@ -37,6 +40,26 @@ def build_objective(name: str, teacher_dim: int, **options) -> Objective:
     return OBJECTIVES[name](teacher_dim, **options)
 
 
+# How each objective reads its options from the experts' configuration: (experts, student
+# width) -> build_objective's options. mse and skd's global stage may standardise the targets;
+# the others define their own target scale.
+_OPTIONS: dict[str, Callable[[ExpertConfig, int], dict]] = {
+    "mse": lambda ec, width: {"standardize": ec.target_norm == "standardize"},
+    "kdep": lambda ec, width: {"student_width": width},
+    "tcs": lambda ec, width: {},
+    "ssld": lambda ec, width: {"num_anchors": ec.anchors},
+    "skd": lambda ec, width: {"standardize": ec.target_norm == "standardize"},
+}
+
+
+def objective_from_config(experts: ExpertConfig, teacher_dim: int,
+                          student_width: int) -> Objective:
+    """The experts' objective (``experts.objective``), unfitted, with the options of
+    ``experts`` that it takes (``target_norm``, ``anchors``) and the student's width (KDEP)."""
+    name = experts.objective
+    return build_objective(name, teacher_dim, **_OPTIONS[name](experts, student_width))
+
+
 def restore_objective(name: str, state: dict, target_dim: int) -> Objective:
     """A fitted objective from its saved state (a run's targets file or a synthetic set);
     ``target_dim``: the width of the targets it is used with."""
@@ -62,5 +85,5 @@ def student_output(objective: Objective, width: int) -> str:
     return "prenorm" if objective.name == "kdep" else "linear"
 
 
-__all__ = ["LABEL_OBJECTIVES", "OBJECTIVES", "Objective", "build_objective", "restore_objective",
-           "student_output"]
+__all__ = ["LABEL_OBJECTIVES", "OBJECTIVES", "Objective", "build_objective",
+           "objective_from_config", "restore_objective", "student_output"]

@@ -17,13 +17,14 @@ tensor arithmetic on the normalised images, as DSA does it (kornia's colour ops 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from ddkd.runtime import global_cpu_rng_from, make_generator
+from ddkd.runtime import Stream, global_cpu_rng_from, make_generator
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-_STREAM_DSA = 60
 
 
 def _kornia_ops() -> dict[str, nn.Module]:
@@ -65,14 +66,14 @@ class DSA:
             raise ValueError(f"unknown DSA operations {sorted(unknown)}; valid: {DSA_OPS}")
         self.seed = seed
         self.ops = ops
-        self._kornia = _kornia_ops()
+        self._kornia: dict[str, Any] = _kornia_ops()
 
     def draw(self, iteration: int, step: int, shape: torch.Size,
              segment: int = 0) -> tuple[str, object]:
         """The operation and its parameters for ``(iteration, step)`` (and ``segment``, when
         an iteration matches several)."""
         streams = (iteration, step) if segment == 0 else (iteration, step, segment)
-        gen = make_generator(self.seed, _STREAM_DSA, *streams)
+        gen = make_generator(self.seed, Stream.DSA, *streams)
         op = self.ops[int(torch.randint(len(self.ops), (1,), generator=gen))]
         if op == "color":
             r = torch.rand(3, generator=gen, dtype=torch.float64).tolist()

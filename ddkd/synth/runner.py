@@ -9,37 +9,37 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ddkd.config import SynthConfig, to_dict
-from ddkd.data.transforms import ZCA, Normalization
 from ddkd.errors import ConfigError, TrainingError
-from ddkd.io.atomic import (
-    append_jsonl,
-    check_writable,
-    read_jsonl,
-    remove_stale_temps,
-    save_torch,
-    write_json,
-)
+from ddkd.io.atomic import check_writable
 from ddkd.io.experts import ExpertsFile
-from ddkd.io.provenance import teacher_record
-from ddkd.io.run import config_diff, open_run, read_json_object
-from ddkd.io.synthset import SynthSet, save_synthset
+from ddkd.io.partial import PartialSet
+from ddkd.io.provenance import synth_provenance
+from ddkd.io.run import OpenedRun, open_run
+from ddkd.io.synthset import SynthSet
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec
-from ddkd.objectives import restore_objective
-from ddkd.runtime import Ranks, autocast_dtype, environment_record, make_generator, sha256_file
+from ddkd.objectives import Objective
+from ddkd.runtime import (
+    Ranks,
+    Stream,
+    autocast_dtype,
+    environment_record,
+    make_generator,
+    sha256_file,
+)
 from ddkd.subsets import high_loss_indices, random_indices
 from ddkd.synth.augment import DSA
-from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and tests)
+from ddkd.synth.matching import (
     MetaGradient,
     Segment,
     matching_loss,
@@ -52,7 +52,6 @@ from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and t
 
 log = logging.getLogger(__name__)
 
-_STREAM_INIT, _STREAM_ITERATION = 40, 41
 
 
 def default_out(dataset: str, config: SynthConfig, n: int) -> Path:
@@ -66,7 +65,7 @@ def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iterat
     """Segment ``j`` of one outer iteration: expert, start epoch and inner batches, seeded by
     ``(iteration, j)`` (segment 0 by the iteration alone, as with one segment)."""
     streams = (iteration,) if j == 0 else (iteration, j)
-    gen = make_generator(config.seed, _STREAM_ITERATION, *streams)
+    gen = make_generator(config.seed, Stream.SYNTH_ITERATION, *streams)
     k = int(torch.randint(len(experts), (1,), generator=gen))
     t = int(torch.randint(config.max_start_epoch, (1,), generator=gen))
     batches = sample_batches(n_syn, config.syn_steps, config.batch_syn, gen)
@@ -79,7 +78,6 @@ def sample_segment(experts: ExpertsFile, config: SynthConfig, n_syn: int, iterat
     )
 
 
-_STREAM_PROBE = 42
 
 
 def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, x: torch.Tensor,
@@ -93,7 +91,7 @@ def probe_matching_loss(model, spec, experts: ExpertsFile, config: SynthConfig, 
     losses = []
     for k in range(len(experts)):
         for t in range(config.max_start_epoch):
-            gen = make_generator(config.seed, _STREAM_PROBE, k, t)
+            gen = make_generator(config.seed, Stream.SYNTH_PROBE, k, t)
             batches = sample_batches(len(x), config.syn_steps, config.batch_syn, gen)
             theta_start = experts.snapshot(k, t).to(device)
             theta_target = experts.snapshot(k, t + config.expert_epochs).to(device)
@@ -127,6 +125,7 @@ class _State:
         self.opt_alpha = torch.optim.SGD([self.log_alpha], lr=config.lr_lr / alpha0**2,
                                          momentum=m)
         self.max_log_step = config.max_log_lr_step
+        self.init_indices: torch.Tensor | None = None  # (n,) into the run's images, if any
         self.log_step = 0.0  # the last iteration's change of log(alpha), as SGD asked for it
 
     @property
@@ -206,247 +205,265 @@ def run_synthesize(
     if out is not None:
         check_writable(out, "--out")  # before any work (a default --out: once it is known)
     opened = open_run(run_dir)
-    experts = ExpertsFile(opened.run.experts)
-    try:
-        return _synthesize(config, opened, experts, out, device, resume, overwrite, progress,
-                           command, t_start, dist)
-    finally:
-        experts.close()
+    with ExpertsFile(opened.run.experts) as experts:
+        plan = prepare(config, opened, experts, out, device, resume, overwrite, dist)
+        dist.barrier()  # every rank has checked the same state before rank 0 changes it
+        plan.output.start(plan.record, resume)
+        state = initial_state(plan)
+        initial_probe = probe_matching_loss(plan.model, plan.spec, experts, config, state.x,
+                                            state.y, plan.alpha0, device, plan.objective.loss)
+        start = resume_state(plan, state) if resume else 0
+        tally = _Tally()
+        bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
+                   disable=not (progress and dist.is_main and sys.stderr.isatty()),
+                   dynamic_ncols=True, leave=False)
+        for it in range(start, config.iterations):
+            step = match_step(plan, state, tally, it)
+            plan.output.append_metrics(step.metrics(it))
+            bar.update(1)
+            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.alpha:.4g}")
+            plan.output.checkpoint_if_due(state.state_dict, it + 1, config.checkpoint_minutes)
+        bar.close()
+        tally.report(config, config.iterations - start)
+        if plan.output.saved_at != config.iterations:
+            # The finished state, so that a failed final write (a full disk) resumes to it.
+            plan.output.save_checkpoint(state.state_dict(), config.iterations)
+        final_probe = probe_matching_loss(plan.model, plan.spec, experts, config, state.x,
+                                          state.y, float(state.alpha), device,
+                                          plan.objective.loss)
+        if not dist.is_main:  # every rank holds the same set; rank 0 writes it
+            return {"out": str(plan.output.out), "rank": dist.rank, "probe_final": final_probe}
+        losses = finish(plan, state, (initial_probe, final_probe), command)
+    window = max(1, len(losses) // 10)
+    return {"out": str(plan.output.out), "images": plan.n, "iterations": config.iterations,
+            "loss_first": sum(losses[:window]) / window,
+            "loss_last": sum(losses[-window:]) / window,
+            "probe_initial": initial_probe, "probe_final": final_probe, "window": window,
+            "lr": float(state.alpha), "lr_init": plan.alpha0,
+            "seconds": round(time.time() - t_start, 1)}
 
 
-def _synthesize(config, opened, experts, out, device, resume, overwrite, progress, command,
-                t_start, dist: Ranks) -> dict:
+@dataclass
+class _Plan:
+    """Everything ``synthesize`` decides and opens before its first write."""
+
+    config: SynthConfig
+    opened: OpenedRun
+    experts: ExpertsFile
+    output: PartialSet
+    record: dict  # the partial folder's config.json
+    n: int  # images of the set
+    model: ConvNet  # the student (a template: its parameters come from the experts)
+    spec: ParamSpec
+    objective: Objective  # fitted, on the device
+    alpha0: float  # the initial step size
+    compute: Callable[..., MetaGradient]  # MTT's unrolled or TESLA's constant-memory gradient
+    dsa: DSA | None
+    amp_dtype: torch.dtype | None
+    device: torch.device
+    dist: Ranks
+
+
+def prepare(config: SynthConfig, opened: OpenedRun, experts: ExpertsFile,
+            out: str | Path | None, device: torch.device, resume: bool, overwrite: bool,
+            dist: Ranks) -> _Plan:
+    """Check every option against the run and the output and open every input; writes
+    nothing."""
     header = experts.header
     # The start epoch t is drawn from {0, ..., T+ - 1} and the target is t + M.
     last_needed = config.max_start_epoch - 1 + config.expert_epochs
     if last_needed > header.epochs:
         raise ConfigError(
-            f"--max-start-epoch {config.max_start_epoch} with --expert-epochs "
+            f"--max-start-epoch {config.max_start_epoch} with --matched-epochs "
             f"{config.expert_epochs} needs snapshots up to epoch {last_needed}, beyond the "
             f"recorded trajectories ({header.epochs} epochs in {opened.run.experts}); lower "
             "them or record longer experts"
         )
     experts.check_finite(last_needed)  # a damaged file is named now, not as a divergence
-    num_train = opened.images.shape[0]
-    n = config.num_images(opened.num_classes, num_train)
-    dataset = opened.teach_config["data"]["dataset"]
-    out = Path(out) if out is not None else default_out(dataset, config, n)
+    n = config.num_images(opened.num_classes, opened.images.shape[0])
+    out = Path(out) if out is not None else default_out(opened.dataset, config, n)
     check_writable(out, "--out")
     if config.zca and opened.zca is None:
         raise ConfigError(f"--zca: the experts of {opened.run.root} were trained without ZCA "
                           "whitening; make a whitened run with `ddkd teach --set data.zca=true`")
-    student = ConvNetConfig(**header.student)
-    model = ConvNet(student).to(device)
-    spec = header.param_spec
-    if ParamSpec.of(model) != spec:
+    model = ConvNet(ConvNetConfig(**header.student)).to(device)
+    if ParamSpec.of(model) != header.param_spec:
         raise ConfigError(f"{opened.run.experts}: its parameter layout does not match the "
                           "ConvNet it describes (written by another ddkd version?)")
     amp_dtype = autocast_dtype(config.precision, device, "--precision")
-    partial = out.with_name(out.name + ".partial")
-    ckpt = partial / "checkpoint.pt"
+    output = PartialSet(out, dist.is_main)
     record = {"synthesize": to_dict(config), "run": str(opened.run.root.resolve()), "size": n,
               "experts_checksum": sha256_file(opened.run.experts)}
-    if out.exists() and not overwrite:
-        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
-    if resume:
-        if not (partial / "config.json").is_file():
-            raise ConfigError(f"--resume: there is no unfinished run for {out} (no {partial})")
-        saved = read_json_object(partial / "config.json", "--resume")
-        # a run begun by an older ddkd lacks the settings added since: they had their defaults
-        previous = saved.get("synthesize")
-        saved["synthesize"] = {**to_dict(SynthConfig()),
-                               **(previous if isinstance(previous, dict) else {})}
-        if saved != record:
-            diffs = [d.removeprefix("synthesize.") for d in config_diff(saved, record)]
-            raise ConfigError(f"--resume: the configuration differs from the unfinished run in "
-                              f"{partial} ({'; '.join(diffs[:5])}); resume with the same "
-                              "options, or drop --resume and pass --overwrite to start again")
-    elif partial.exists() and not overwrite:
-        raise ConfigError(f"an unfinished run for {out} exists ({partial}); pass --resume "
-                          "to continue it or --overwrite to start again")
-    dist.barrier()  # every rank has checked the same state before rank 0 changes it
-    if dist.is_main:
-        if not resume and partial.exists():
-            shutil.rmtree(partial)
-        # Leftovers of killed writes of this output (the set itself, the checkpoint): this run
-        # is now their only writer.
-        stale = remove_stale_temps(out.parent, out.name) + remove_stale_temps(partial)
-        if stale:
-            log.info("removed %d temporary files of interrupted writes of %s", len(stale), out)
-        partial.mkdir(parents=True, exist_ok=True)
-        write_json(partial / "config.json", record)
-
-    normalize = Normalization(tuple(opened.normalization["mean"]),
-                              tuple(opened.normalization["std"]))
-    zca = None
+    output.check(record, resume, overwrite, _complete_record)
     if opened.zca is not None:
         # The experts define the input space: a whitened run is matched in whitened space.
-        zca = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))
         log.info("the run's experts were trained on ZCA-whitened images: matching in that space")
-    x_real = normalize(opened.images.to(device))  # (N, C, H, W)
-    if zca is not None:
-        x_real = zca(x_real)
+    return _Plan(
+        config, opened, experts, output, record, n, model, header.param_spec,
+        objective=opened.objective.to(device),
+        alpha0=config.lr_init if config.lr_init is not None else header.experts_config["lr"],
+        compute=meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory,
+        dsa=DSA(config.seed) if config.augment == "dsa" else None,
+        amp_dtype=amp_dtype, device=device, dist=dist)
+
+
+def _complete_record(saved: dict) -> dict:
+    """A run begun by an older ddkd lacks the settings added since: they had their defaults."""
+    previous = saved.get("synthesize")
+    return {**saved, "synthesize": {**to_dict(SynthConfig()),
+                                    **(previous if isinstance(previous, dict) else {})}}
+
+
+def initial_state(plan: _Plan) -> _State:
+    """The set before the first iteration: MKDT's high-loss images of the run (or a random
+    subset), with their targets in the objective's space, and the experts' step size."""
+    opened, device = plan.opened, plan.device
+    x_real = opened.normalization(opened.images.to(device))  # (N, C, H, W)
+    if opened.zca is not None:
+        x_real = opened.zca(x_real)
     # The experts regressed the objective's targets: the synthetic targets live there too.
-    objective = restore_objective(opened.objective, opened.objective_state or {},
-                                  opened.targets.shape[1]).to(device)
-    z_real = objective.targets(opened.targets.to(device))  # (N, target_dim)
-
-    if config.init == "high-loss":
-        snapshots = (experts.snapshot(k, 1) for k in range(len(experts)))
-        init = high_loss_indices(model, spec, snapshots, x_real, z_real, n,
-                                 objective.per_example_loss)
+    z_real = plan.objective.targets(opened.targets.to(device))  # (N, target_dim)
+    if plan.config.init == "high-loss":
+        snapshots = (plan.experts.snapshot(k, 1) for k in range(len(plan.experts)))
+        init = high_loss_indices(plan.model, plan.spec, snapshots, x_real, z_real, plan.n,
+                                 plan.objective.per_example_loss)
     else:
-        init = random_indices(num_train, n, make_generator(config.seed, _STREAM_INIT))
-    alpha0 = config.lr_init if config.lr_init is not None else header.experts_config["lr"]
-    state = _State(x_real[init.to(device)], z_real[init.to(device)], alpha0, config)
-    del x_real, z_real
-    initial_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y, alpha0,
-                                        device, objective.loss)
-    start = 0
-    if resume and ckpt.is_file():
-        saved = torch.load(ckpt, map_location=device, weights_only=True)
-        state.load_state_dict(saved["state"])
-        start = int(saved["iteration"])
-        log.info("resuming %s at iteration %d", out, start)
+        init = random_indices(len(x_real), plan.n, make_generator(plan.config.seed,
+                                                                   Stream.SYNTH_INIT))
+    state = _State(x_real[init.to(device)], z_real[init.to(device)], plan.alpha0, plan.config)
+    state.init_indices = init
+    return state
 
-    dsa = DSA(config.seed) if config.augment == "dsa" else None
-    bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
-               disable=not (progress and dist.is_main and sys.stderr.isatty()),
-               dynamic_ncols=True, leave=False)
 
-    saved_at = start  # the iteration the checkpoint on disk holds
+def resume_state(plan: _Plan, state: _State) -> int:
+    """Load the checkpoint of an interrupted run into ``state``; -> the iteration to go on
+    from (0 when it stopped before its first checkpoint)."""
+    saved = plan.output.load_checkpoint(plan.device)
+    if saved is None:
+        return 0
+    state.load_state_dict(saved[0])
+    log.info("resuming %s at iteration %d", plan.output.out, saved[1])
+    return saved[1]
 
-    def save_checkpoint(state_dict: dict, iteration: int) -> None:
-        nonlocal saved_at
-        saved_at = iteration
-        if not dist.is_main:
-            return
-        save_torch(ckpt, {"state": state_dict, "iteration": iteration})
 
-    clipped, largest_log_step = 0, 0.0
-    last_ckpt = time.time()
-    compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
-    for it in range(start, config.iterations):
-        # This process's share of the iteration's segments (all of them on one device).
-        mine = [sample_segment(experts, config, n, it, device, j)
-                for j in range(config.segments) if j % dist.world == dist.rank]
-        total = None
-        for segment, j in zip(mine, range(dist.rank, config.segments, dist.world), strict=True):
-            augment = ((lambda x, step, it=it, j=j: dsa(x, it, step, j)) if dsa is not None
-                       else None)
-            mg = compute(model, spec, segment, state.x, state.y, state.alpha.to(state.x.dtype),
-                         objective.loss, augment=augment, amp_dtype=amp_dtype)
-            parts = (mg.loss.reshape(1), mg.grad_x, mg.grad_y, mg.grad_alpha.reshape(1))
-            total = (list(parts) if total is None
-                     else [a + b for a, b in zip(total, parts, strict=True)])
-        # the mean over every segment of the iteration, wherever it was computed
-        loss_t, grad_x, grad_y, grad_alpha = (t / config.segments for t in dist.sum(total))
-        loss = float(loss_t)
-        finite = math.isfinite(loss) and all(
-            bool(torch.isfinite(g).all()) for g in (grad_x, grad_y, grad_alpha))
-        before = _clone(state.state_dict())
-        problem, bounded = None, False
-        if not finite:
-            problem = f"the matching loss or its gradient became non-finite (loss {loss})"
-        else:
-            bounded = state.step(grad_x, grad_y, grad_alpha.reshape(()))
-            largest_log_step = max(largest_log_step, abs(state.log_step))
-            if bounded:
-                clipped += 1
-                if clipped == 1:
-                    log.warning("iteration %d: the meta-gradient asked to change log(step size) "
-                                "by %.3g; bounded to %g (max_log_lr_step)", it + 1,
-                                state.log_step, config.max_log_lr_step)
-            alpha = float(state.alpha)
-            if not (alpha0 / config.max_lr_factor <= alpha <= alpha0 * config.max_lr_factor):
-                what = "exploded" if not alpha < alpha0 else "collapsed"
-                problem = (f"the step size {what} to {alpha:.4g} (from {alpha0}, allowed within "
-                           f"a factor {config.max_lr_factor:g})")
-        if problem is not None:
-            save_checkpoint(before, it)  # the last good state, for inspection or --resume
-            raise TrainingError(
-                f"{problem} at iteration {it + 1}; the last good state (after iteration {it}) "
-                f"is kept in {partial}; start again with a lower --lr-img / --lr-lr (now "
-                f"{config.lr_img:g} / {config.lr_lr:g}) and --overwrite"
-            )
-        if dist.rank == 0:
-            segments = [(s.expert, s.start_epoch) for s in mine]  # rank 0's share
-            append_jsonl(partial / "metrics.jsonl", {
-                "iteration": it + 1, "loss": loss, "lr": alpha,
-                "expert": segments[0][0], "start_epoch": segments[0][1],
-                **({"segments": segments} if len(segments) > 1 else {}),
-                **({"lr_bounded": True} if bounded else {})})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{alpha:.4g}")
-        if time.time() - last_ckpt >= 60 * config.checkpoint_minutes:
-            save_checkpoint(state.state_dict(), it + 1)
-            last_ckpt = time.time()
-    bar.close()
-    if start < config.iterations:
-        log.info("step size: largest change of log(alpha) in one iteration %.3g (bound %g), "
-                 "bounded in %d of %d iterations", largest_log_step, config.max_log_lr_step,
-                 clipped, config.iterations - start)
-    if saved_at != config.iterations:
-        # The finished state, so that a failed final write (a full disk) resumes straight to it.
-        save_checkpoint(state.state_dict(), config.iterations)
+@dataclass
+class _Step:
+    """What one outer iteration did, for metrics.jsonl and the progress bar."""
 
-    final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
-                                      float(state.alpha), device, objective.loss)
-    if not dist.is_main:  # every rank holds the same set; rank 0 writes it
-        return {"out": str(out), "rank": dist.rank, "probe_final": final_probe}
-    history = {}
-    for row in read_jsonl(partial / "metrics.jsonl"):  # later rows win after a resume
-        if row["iteration"] <= config.iterations:
-            history[row["iteration"]] = row
-    losses = [history[i]["loss"] for i in sorted(history)]
-    lrs = [history[i]["lr"] for i in sorted(history)]
-    window = max(1, len(losses) // 10)
-    teacher = teacher_record(opened.run.teacher, opened.teach_config["teacher"])
-    provenance = {
-        "source_dataset": dataset,
-        "source_train_checksum": opened.environment["inputs"]["train_checksum"],
-        "source_num_classes": opened.num_classes,
-        "run": str(opened.run.root.resolve()),
-        "teacher_checksum": teacher["checksum"],
-        "teacher": teacher,
-        "experts_checksum": sha256_file(opened.run.experts),
-        "num_experts": len(experts),
-        "student": asdict(student),
-        "init": config.init,
-        "iterations": config.iterations,
-        "matching_loss_initial": initial_probe,
-        "matching_loss_final": final_probe,
-        "seed": config.seed,
-        "processes": dist.world,
-        "teach_config": opened.teach_config,
-        "environment": {**environment_record(device), "command": command},
-    }
-    synth = SynthSet(
+    loss: float
+    alpha: float
+    bounded: bool
+    segments: list[tuple[int, int]]  # (expert, start epoch) of this process's segments
+
+    def metrics(self, it: int) -> dict:
+        return {"iteration": it + 1, "loss": self.loss, "lr": self.alpha,
+                "expert": self.segments[0][0], "start_epoch": self.segments[0][1],
+                **({"segments": self.segments} if len(self.segments) > 1 else {}),
+                **({"lr_bounded": True} if self.bounded else {})}
+
+
+@dataclass
+class _Tally:
+    """How the trust region of the step size acted over the iterations of this process."""
+
+    bounded: int = 0
+    largest_log_step: float = 0.0
+
+    def add(self, state: _State, bounded: bool, it: int, bound: float) -> None:
+        self.largest_log_step = max(self.largest_log_step, abs(state.log_step))
+        if bounded:
+            self.bounded += 1
+            if self.bounded == 1:
+                log.warning("iteration %d: the meta-gradient asked to change log(step size) "
+                            "by %.3g; bounded to %g (max_log_lr_step)", it + 1,
+                            state.log_step, bound)
+
+    def report(self, config: SynthConfig, iterations: int) -> None:
+        if iterations > 0:
+            log.info("step size: largest change of log(alpha) in one iteration %.3g (bound "
+                     "%g), bounded in %d of %d iterations", self.largest_log_step,
+                     config.max_log_lr_step, self.bounded, iterations)
+
+
+def match_step(plan: _Plan, state: _State, tally: _Tally, it: int) -> _Step:
+    """Outer iteration ``it``: sample this process's segments -> their meta-gradients ->
+    the mean over every process -> the guards -> one update of ``state`` (in place).
+
+    A non-finite meta-gradient or a step size leaving its band stops the run with the last
+    good state checkpointed (``TrainingError``)."""
+    config = plan.config
+    mine = [sample_segment(plan.experts, config, plan.n, it, plan.device, j)
+            for j in range(config.segments) if j % plan.dist.world == plan.dist.rank]
+    loss, grad_x, grad_y, grad_alpha = _mean_meta_gradient(plan, state, mine, it)
+    before = _clone(state.state_dict())
+    problem, bounded = None, False
+    if not (math.isfinite(loss) and all(bool(torch.isfinite(g).all())
+                                        for g in (grad_x, grad_y, grad_alpha))):
+        problem = f"the matching loss or its gradient became non-finite (loss {loss})"
+    else:
+        bounded = state.step(grad_x, grad_y, grad_alpha.reshape(()))
+        tally.add(state, bounded, it, config.max_log_lr_step)
+        problem = _step_size_problem(float(state.alpha), plan.alpha0, config.max_lr_factor)
+    if problem is not None:
+        plan.output.save_checkpoint(before, it)  # the last good state, for inspection/--resume
+        raise TrainingError(
+            f"{problem} at iteration {it + 1}; the last good state (after iteration {it}) "
+            f"is kept in {plan.output.folder}; start again with a lower --lr-img / --lr-lr "
+            f"(now {config.lr_img:g} / {config.lr_lr:g}) and --overwrite"
+        )
+    return _Step(loss, float(state.alpha), bounded, [(s.expert, s.start_epoch) for s in mine])
+
+
+def _mean_meta_gradient(plan: _Plan, state: _State, mine: list[Segment], it: int
+                        ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, grad_x, grad_y, grad_alpha)``: the mean over every segment of iteration ``it``,
+    wherever it was computed (this process computes ``mine``)."""
+    config, dist, dsa = plan.config, plan.dist, plan.dsa
+    total: list[torch.Tensor] = []
+    for segment, j in zip(mine, range(dist.rank, config.segments, dist.world), strict=True):
+        augment = ((lambda x, step, it=it, j=j: dsa(x, it, step, j)) if dsa is not None
+                   else None)
+        mg = plan.compute(plan.model, plan.spec, segment, state.x, state.y,
+                          state.alpha.to(state.x.dtype), plan.objective.loss, augment=augment,
+                          amp_dtype=plan.amp_dtype)
+        parts = (mg.loss.reshape(1), mg.grad_x, mg.grad_y, mg.grad_alpha.reshape(1))
+        total = list(parts) if not total else [a + b for a, b in zip(total, parts,
+                                                                      strict=True)]
+    loss_t, grad_x, grad_y, grad_alpha = (t / config.segments for t in dist.sum(total))
+    return float(loss_t), grad_x, grad_y, grad_alpha
+
+
+def _step_size_problem(alpha: float, alpha0: float, factor: float) -> str | None:
+    """Why the step size ``alpha`` stops the run (outside ``[alpha0 / f, alpha0 * f]``)."""
+    if alpha0 / factor <= alpha <= alpha0 * factor:
+        return None
+    what = "exploded" if not alpha < alpha0 else "collapsed"
+    return (f"the step size {what} to {alpha:.4g} (from {alpha0}, allowed within a factor "
+            f"{factor:g})")
+
+
+def finish(plan: _Plan, state: _State, probes: tuple[float, float],
+           command: list[str] | None) -> list[float]:
+    """Write the finished set with its provenance and history; -> the history's per-iteration
+    losses."""
+    history = plan.output.history(plan.config.iterations)
+    losses, lrs = [row["loss"] for row in history], [row["lr"] for row in history]
+    header, opened = plan.experts.header, plan.opened
+    provenance = synth_provenance(
+        opened, len(plan.experts), asdict(plan.model.config), to_dict(plan.config), probes,
+        plan.dist.world, {**environment_record(plan.device), "command": command})
+    plan.output.finish(SynthSet(
         images=state.x.detach().cpu(),
         targets=state.y.detach().cpu(),
         lr=float(state.alpha),
-        mean=torch.tensor(normalize.mean, dtype=torch.float64),
-        std=torch.tensor(normalize.std, dtype=torch.float64),
+        mean=torch.tensor(opened.normalization.mean, dtype=torch.float64),
+        std=torch.tensor(opened.normalization.std, dtype=torch.float64),
         objective=header.objective,
-        objective_state=objective.state_dict(),
+        objective_state=plan.objective.state_dict(),
         provenance=provenance,
-        config=to_dict(config),
-        init_indices=opened.indices[init],
-        history={"loss": losses, "lr": lrs},
-        zca=zca,
-    )
-    save_synthset(out, synth)
-    shutil.rmtree(partial)
-    return {
-        "out": str(out),
-        "images": n,
-        "iterations": config.iterations,
-        "loss_first": sum(losses[:window]) / window,
-        "loss_last": sum(losses[-window:]) / window,
-        "probe_initial": initial_probe,
-        "probe_final": final_probe,
-        "window": window,
-        "lr": float(state.alpha),
-        "lr_init": alpha0,
-        "seconds": round(time.time() - t_start, 1),
-    }
+        config=to_dict(plan.config),
+        init_indices=opened.indices[state.init_indices],
+        history={"loss": losses, "lr": lrs},  # type: ignore[dict-item]
+        zca=opened.zca,
+    ))
+    return losses

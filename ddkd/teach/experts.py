@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,7 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import flat_params
-from ddkd.runtime import autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
-
-# Sub-stream ids of :func:`ddkd.runtime.make_generator` for the experts.
-_STREAM_INIT, _STREAM_ORDER = 20, 21
-
+from ddkd.runtime import Stream, autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
 
 
 def compile_available(device: torch.device) -> bool:
@@ -96,7 +93,7 @@ class StudentLoss:
         call, so its failures get the same clear error as the forward's."""
         self._run(torch.Tensor.backward, loss)
 
-    def _run(self, fn, *args) -> torch.Tensor | None:
+    def _run(self, fn, *args) -> Any:
         try:
             return fn(*args)
         except torch._dynamo.exc.TorchDynamoException as err:  # a compiler problem, not ours
@@ -109,7 +106,7 @@ class StudentLoss:
 def init_student(config: ConvNetConfig, seed: int, k: int) -> ConvNet:
     """Student ``k``'s initialisation, drawn from its own stream of ``seed`` (PyTorch's
     default initialisers, as the published code uses)."""
-    gen = make_generator(seed, _STREAM_INIT, k)
+    gen = make_generator(seed, Stream.EXPERT_INIT, k)
     with global_cpu_rng_from(gen):
         return ConvNet(config)
 
@@ -146,37 +143,57 @@ def train_expert(
     student = (init(k) if init is not None else init_student(config, seed, k)).to(device)
     loss_of = loss or StudentLoss(config)
     params, buffers = dict(student.named_parameters()), dict(student.named_buffers())
-    optimizer = torch.optim.SGD(
-        student.parameters(),
-        lr=experts.lr,
-        momentum=experts.momentum,
-        weight_decay=experts.weight_decay,
-    )
-    order_gen = make_generator(seed, _STREAM_ORDER, k)
-    n = x_train.shape[0]
-    snapshots = [flat_params(student).cpu()]
-    losses: list[float] = []
+    optimizer = _sgd(student.parameters(), experts)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:  # (1, b) -> (1,)
+        value = loss_of(params, buffers, x_train[idx[0]], z_train[idx[0]])
+        optimizer.zero_grad(set_to_none=True)
+        loss_of.backward(value)
+        optimizer.step()
+        return value.detach().reshape(1)
+
+    single = None if on_epoch is None else (lambda e, losses: on_epoch(e, losses[0]))
+    (result,) = _record(experts, [k], x_train.shape[0], seed, device, step,
+                        lambda: [flat_params(student).cpu()], single)
+    return result
+
+
+def _sgd(params, experts: ExpertConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=experts.lr, momentum=experts.momentum,
+                           weight_decay=experts.weight_decay)
+
+
+def _record(experts: ExpertConfig, ks: list[int], n: int, seed: int, device: torch.device,
+            step: Callable[[torch.Tensor], torch.Tensor],
+            snapshot: Callable[[], list[torch.Tensor]],
+            on_epoch: Callable[[int, list[float]], None] | None
+            ) -> list[tuple[torch.Tensor, list[float]]]:
+    """The epochs of students ``ks``, one or a group: each draws its data order from its own
+    stream; ``step(idx)`` trains on the batch ``idx`` ``(G, b)`` and returns the students' losses
+    ``(G,)``; ``snapshot()`` gives their flat parameters. -> per student, ``(epochs + 1, P)``
+    snapshots and per-epoch mean losses (MKDT keeps the last partial batch)."""
+    order_gens = [make_generator(seed, Stream.EXPERT_ORDER, k) for k in ks]
+    snapshots = [[theta] for theta in snapshot()]
+    losses: list[list[float]] = [[] for _ in ks]
     for epoch in range(experts.epochs):
-        order = torch.randperm(n, generator=order_gen).to(device)
-        total = torch.zeros((), device=device)
-        for start in range(0, n, experts.batch_size):  # keeps the last partial batch, as MKDT
-            idx = order[start : start + experts.batch_size]
-            value = loss_of(params, buffers, x_train[idx], z_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss_of.backward(value)
-            optimizer.step()
-            total += value.detach() * idx.numel()
-        mean_loss = (total / n).item()  # one host sync per epoch, not per step
-        if not math.isfinite(mean_loss):
-            raise TrainingError(
-                f"expert {k}: KD loss became {mean_loss} in epoch {epoch + 1}; lower "
-                f"--set experts.lr (now {experts.lr}) or check the targets for NaN"
-            )
-        losses.append(mean_loss)
-        snapshots.append(flat_params(student).cpu())
+        orders = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)
+        total = torch.zeros(len(ks), device=device)
+        for start in range(0, n, experts.batch_size):  # every student has the same batch sizes
+            idx = orders[:, start : start + experts.batch_size]  # (G, b)
+            total += step(idx) * idx.shape[1]
+        means = (total / n).tolist()  # one host sync per epoch, not per step
+        for g, (k, mean_loss) in enumerate(zip(ks, means, strict=True)):
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"expert {k}: KD loss became {mean_loss} in epoch {epoch + 1}; lower "
+                    f"--set experts.lr (now {experts.lr}) or check the targets for NaN"
+                )
+            losses[g].append(mean_loss)
+        for g, theta in enumerate(snapshot()):
+            snapshots[g].append(theta)
         if on_epoch is not None:
-            on_epoch(epoch, mean_loss)
-    return torch.stack(snapshots), losses
+            on_epoch(epoch, means)
+    return [(torch.stack(snapshots[g]), losses[g]) for g in range(len(ks))]
 
 
 def experts_plan(experts: ExpertConfig, device: torch.device) -> tuple[int, torch.dtype | None]:
@@ -225,41 +242,17 @@ def train_experts(
     names = [name for name, _ in students[0].named_parameters()]
     del students
     loss_of = loss or StudentLoss(config)
-    optimizer = torch.optim.SGD(
-        [params[name] for name in names],
-        lr=experts.lr,
-        momentum=experts.momentum,
-        weight_decay=experts.weight_decay,
-    )
-    order_gens = [make_generator(seed, _STREAM_ORDER, k) for k in ks]
-    n = x_train.shape[0]
+    optimizer = _sgd([params[name] for name in names], experts)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:  # (G, b) -> (G,)
+        group_loss = loss_of.group(params, buffers, x_train[idx], z_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss_of.backward(group_loss.sum())
+        optimizer.step()
+        return group_loss.detach()
 
     def snapshot() -> list[torch.Tensor]:
         flat = torch.cat([params[name].detach().flatten(1) for name in names], dim=1).cpu()
         return list(flat)  # G x (P,)
 
-    snapshots = [[theta] for theta in snapshot()]
-    losses: list[list[float]] = [[] for _ in ks]
-    for epoch in range(experts.epochs):
-        orders = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)
-        total = torch.zeros(len(ks), device=device)
-        for start in range(0, n, experts.batch_size):  # every student has the same batch sizes
-            idx = orders[:, start : start + experts.batch_size]  # (G, b)
-            group_loss = loss_of.group(params, buffers, x_train[idx], z_train[idx])  # (G,)
-            optimizer.zero_grad(set_to_none=True)
-            loss_of.backward(group_loss.sum())
-            optimizer.step()
-            total += group_loss.detach() * idx.shape[1]
-        means = (total / n).tolist()
-        for g, (k, mean_loss) in enumerate(zip(ks, means, strict=True)):
-            if not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"expert {k}: KD loss became {mean_loss} in epoch {epoch + 1}; lower "
-                    f"--set experts.lr (now {experts.lr}) or check the targets for NaN"
-                )
-            losses[g].append(mean_loss)
-        for g, theta in enumerate(snapshot()):
-            snapshots[g].append(theta)
-        if on_epoch is not None:
-            on_epoch(epoch, means)
-    return [(torch.stack(snapshots[g]), losses[g]) for g in range(len(ks))]
+    return _record(experts, ks, x_train.shape[0], seed, device, step, snapshot, on_epoch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import typing
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from ddkd.config import TeacherConfig
 from ddkd.errors import ConfigError, DDKDError
 from ddkd.io.weights import ASSETS, SHIPPED_TEACHERS, load_weights
+from ddkd.models.registry import model_config
 from ddkd.models.resnet import ResNet, ResNetConfig
 
 
@@ -40,8 +42,9 @@ def shipped_teacher_path(dataset: str) -> Path:
 
 
 def resnet_config(config: TeacherConfig, in_channels: int) -> ResNetConfig:
-    depth = int(config.arch.removeprefix("resnet"))
-    return ResNetConfig(in_channels=in_channels, depth=depth, base_width=config.base_width)
+    # teacher.arch is one of TEACHER_ARCHS: a ResNet
+    return typing.cast(ResNetConfig, model_config(config.arch, in_channels=in_channels,
+                                                  base_width=config.base_width))
 
 
 def build_from_factory(spec: str) -> nn.Module:
@@ -79,6 +82,7 @@ def load_checkpoint_teacher(
     if not file.is_file():
         raise ConfigError(f"--teacher-checkpoint {file} does not exist")
     meta: dict = {}
+    state: typing.Any  # a state dict, or whatever a .pt file holds until checked
     if file.suffix in (".h5", ".hdf5"):
         state, kind, arch_config, meta = load_weights(file)
         if kind != "resnet":

@@ -7,6 +7,7 @@ stage (:func:`ddkd.teach.experts.train_experts` with ``init``).
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 
 import torch
@@ -16,11 +17,8 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.objectives.skd import SKDObjective, plan_stages, teacher_stage_maps
-from ddkd.runtime import autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
+from ddkd.runtime import Stream, autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
 from ddkd.teach.experts import init_student
-
-# Sub-streams of :func:`ddkd.runtime.make_generator` for the block stages.
-_STREAM_ADAPTER, _STREAM_STAGE_ORDER = 22, 23
 
 
 def fit_skd_stages(objective: SKDObjective, teacher: nn.Module, student: ConvNetConfig,
@@ -58,7 +56,7 @@ def fit_skd_stages(objective: SKDObjective, teacher: nn.Module, student: ConvNet
 def stage_targets(objective: SKDObjective, s: int, teacher: nn.Module,
                   teacher_x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Block ``s``'s targets for every training image ``(N, C_t, h, h)``, on the device."""
-    source = int(objective.stage_source[s])
+    source = int(typing.cast(torch.Tensor, objective.stage_source)[s])  # (planned: set)
     out = [objective.stage_targets(s, teacher_stage_maps(teacher, teacher_x[i : i + batch_size],
                                                          [source])[0])
            for i in range(0, teacher_x.shape[0], batch_size)]
@@ -74,7 +72,7 @@ def train_stage(student: ConvNet, s: int, targets: torch.Tensor, x_train: torch.
     device = x_train.device
     amp_dtype = autocast_dtype(experts.precision, device, "experts.precision")
     block, prefix = student.block(s), student.body[: 4 * s]
-    gen = make_generator(seed, _STREAM_ADAPTER, k, s)
+    gen = make_generator(seed, Stream.SKD_ADAPTER, k, s)
     with global_cpu_rng_from(gen):
         adapter = nn.Conv2d(student.config.width, targets.shape[1], 1).to(device)
     params = [*block.parameters(), *adapter.parameters()]
@@ -82,7 +80,7 @@ def train_stage(student: ConvNet, s: int, targets: torch.Tensor, x_train: torch.
                                 weight_decay=experts.weight_decay)
     prefix.eval()  # frozen: no BatchNorm statistics move either
     block.train()
-    order_gen = make_generator(seed, _STREAM_STAGE_ORDER, k, s)
+    order_gen = make_generator(seed, Stream.SKD_STAGE_ORDER, k, s)
     n = x_train.shape[0]
     losses = []
     for epoch in range(experts.stage_epochs):

@@ -35,7 +35,7 @@ FLAGS = {
 SYNTH_FLAGS = {name: f"--{name.replace('_', '-')}" for name in (
     "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
     "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "precision",
-    "seed", "segments", "zca")}
+    "seed", "segments", "zca", "views")}
 
 
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -232,6 +232,13 @@ class SynthConfig:
     # expert segments per outer iteration, their meta-gradients averaged (MTT/MKDT: 1); with
     # --devices N each device takes its share
     segments: int = 1
+    # Predefined views (after Boost-SSD, Yu et al. ICLR 2025): none, a group (rot4, flip2) or
+    # a comma list of identity, hflip, vflip, rot90, rot180, rot270 (ddkd.data.views); every
+    # image is matched under each view, each (image, view) pair with its own learned target
+    views: str = "none"
+    # where a view's target starts: teacher (the teacher's target of the viewed real image)
+    # or copy (the real image's own target for every view)
+    view_init: str = "teacher"
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
     # Trust region of the step size: one outer iteration changes log(alpha) by at most this
     # (0.1: alpha by at most ~10%), however large its meta-gradient. A single spike (e.g. MKDT's
@@ -271,6 +278,7 @@ class SynthConfig:
         _one_of("memory", self.memory, ("unrolled", "constant"))
         _one_of("augment", self.augment, ("none", "dsa"))
         _one_of("precision", self.precision, PRECISIONS)
+        _one_of("view_init", self.view_init, ("teacher", "copy"))
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 

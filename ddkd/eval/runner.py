@@ -88,9 +88,11 @@ class Method:
 
 def _set_method(path: str, synth: SynthSet) -> Method:
     space = Normalization(tuple(synth.mean.tolist()), tuple(synth.std.tolist()))
-    objective = restore_objective(synth.objective, synth.objective_state,
-                                  synth.targets.shape[1])
-    return Method(Path(path).stem, synth.images, synth.targets, synth.lr, space, synth.zca,
+    objective = restore_objective(synth.objective, synth.objective_state, synth.target_dim)
+    # A set with predefined views pre-trains on every (image, view) pair with its own target
+    # (n * V pairs: V times the steps of the same recipe); a plain set on its images.
+    images, targets = synth.pairs()
+    return Method(Path(path).stem, images, targets, synth.lr, space, synth.zca,
                   objective=objective)
 
 
@@ -212,8 +214,12 @@ def run_evaluate(
     command: list[str] | None = None,
     dist: Ranks | None = None,
     budgets: list[int] | None = None,
+    views: tuple[str, ...] | None = None,
 ) -> dict:
     """Evaluate ``sets`` and ``baselines``; writes results.{json,csv,md,png} into ``out``.
+
+    ``views`` (``--views``): pre-train every set on these of its stored views only (each set
+    must have been made with them); None: a set with views on all of them.
 
     ``dist`` (``--devices``): the (method, architecture, seed) encoders are dealt out across
     processes (job i to rank i mod world size); rank 0 gathers every row and writes.
@@ -244,6 +250,8 @@ def run_evaluate(
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     loaded = [(path, load_synthset(path)) for path in sets]
+    if views:  # before any work: every set must hold the per-view targets asked for
+        loaded = [(path, s.select_views(views, where=path)) for path, s in loaded]
     if not loaded and not baselines:
         raise ConfigError("nothing to evaluate: give a synthetic set and/or --baselines")
     shapes = {tuple(s.images.shape[1:]) for _, s in loaded}
@@ -301,7 +309,8 @@ def run_evaluate(
     student = loaded[0][1].provenance.get("student") if loaded else None
     config = {"sets": sets, "run": run_dir, "baselines": baselines, "downstream": list(tasks),
               "fractions": fractions, "seeds": seeds, "archs": archs, "probe": probe,
-              "epochs": epochs, "stratified": stratified, "pretrain_steps": budgets}
+              "epochs": epochs, "stratified": stratified, "pretrain_steps": budgets,
+              **({"views": list(views)} if views else {})}
 
     # The teacher is one fixed network: one row, whatever --arch says (seeds vary the labels).
     jobs = [(m, "teacher" if m.fixed_encoder is not None else a, s) for m in methods

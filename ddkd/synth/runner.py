@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ddkd.config import SynthConfig, to_dict
 from ddkd.data.transforms import ZCA, Normalization
+from ddkd.data.views import check_views_fit, parse_views
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.io.atomic import (
     append_jsonl,
@@ -49,6 +50,7 @@ from ddkd.synth.matching import (  # noqa: F401 (MetaGradient: for callers and t
     sample_batches,
     unroll,
 )
+from ddkd.synth.views import initial_view_targets, load_run_teacher, viewed_pairs, with_views
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,7 @@ def run_synthesize(
                           f"processes: give a multiple of {dist.world}")
     if out is not None:
         check_writable(out, "--out")  # before any work (a default --out: once it is known)
+    parse_views(config.views)  # an unknown view is named before the run is read
     opened = open_run(run_dir)
     experts = ExpertsFile(opened.run.experts)
     try:
@@ -229,6 +232,11 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     experts.check_finite(last_needed)  # a damaged file is named now, not as a divergence
     num_train = opened.images.shape[0]
     n = config.num_images(opened.num_classes, num_train)
+    views = parse_views(config.views)
+    check_views_fit(views, tuple(opened.images.shape), where=f"the images of {opened.run.root}")
+    n_pairs = n * max(1, len(views))  # the inner loop's batches index (image, view) pairs
+    view_teacher = (load_run_teacher(opened.run.teacher)
+                    if views and config.view_init == "teacher" else None)
     dataset = opened.teach_config["data"]["dataset"]
     out = Path(out) if out is not None else default_out(dataset, config, n)
     check_writable(out, "--out")
@@ -298,10 +306,18 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     else:
         init = random_indices(num_train, n, make_generator(config.seed, _STREAM_INIT))
     alpha0 = config.lr_init if config.lr_init is not None else header.experts_config["lr"]
-    state = _State(x_real[init.to(device)], z_real[init.to(device)], alpha0, config)
-    del x_real, z_real
-    initial_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y, alpha0,
-                                        device, objective.loss)
+    y_init = z_real[init.to(device)]
+    if views:  # (n, V, D): one learnable target per (image, view)
+        y_init = initial_view_targets(views, config.view_init, y_init, opened.images[init],
+                                      view_teacher, normalize, objective, device)
+    state = _State(x_real[init.to(device)], y_init, alpha0, config)
+    del x_real, z_real, view_teacher
+
+    def probe_set(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return viewed_pairs(x.detach(), y.detach(), views) if views else (x, y)
+
+    initial_probe = probe_matching_loss(model, spec, experts, config, *probe_set(state.x, state.y),
+                                        alpha0, device, objective.loss)
     start = 0
     if resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=True)
@@ -326,9 +342,11 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
     clipped, largest_log_step = 0, 0.0
     last_ckpt = time.time()
     compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
+    if views:
+        compute = with_views(compute, views)
     for it in range(start, config.iterations):
         # This process's share of the iteration's segments (all of them on one device).
-        mine = [sample_segment(experts, config, n, it, device, j)
+        mine = [sample_segment(experts, config, n_pairs, it, device, j)
                 for j in range(config.segments) if j % dist.world == dist.rank]
         total = None
         for segment, j in zip(mine, range(dist.rank, config.segments, dist.world), strict=True):
@@ -390,7 +408,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         # The finished state, so that a failed final write (a full disk) resumes straight to it.
         save_checkpoint(state.state_dict(), config.iterations)
 
-    final_probe = probe_matching_loss(model, spec, experts, config, state.x, state.y,
+    final_probe = probe_matching_loss(model, spec, experts, config, *probe_set(state.x, state.y),
                                       float(state.alpha), device, objective.loss)
     if not dist.is_main:  # every rank holds the same set; rank 0 writes it
         return {"out": str(out), "rank": dist.rank, "probe_final": final_probe}
@@ -413,6 +431,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         "num_experts": len(experts),
         "student": asdict(student),
         "init": config.init,
+        **({"views": list(views), "view_init": config.view_init} if views else {}),
         "iterations": config.iterations,
         "matching_loss_initial": initial_probe,
         "matching_loss_final": final_probe,
@@ -434,6 +453,7 @@ def _synthesize(config, opened, experts, out, device, resume, overwrite, progres
         init_indices=opened.indices[init],
         history={"loss": losses, "lr": lrs},
         zca=zca,
+        views=views,
     )
     save_synthset(out, synth)
     shutil.rmtree(partial)

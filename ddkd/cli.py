@@ -150,7 +150,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         "ipc", "size", "fraction", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
         "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory",
         "precision", "seed",
-        "segments",
+        "segments", "views",
     ) if getattr(args, name) is not None}
     if args.zca:
         flags["zca"] = True
@@ -211,6 +211,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  made with   init {prov.get('init')}, {prov.get('iterations')} iterations, seed "
         f"{prov.get('seed')}, ddkd {prov.get('environment', {}).get('ddkd')}",
     ]
+    if synth.views:
+        lines.insert(3, f"  views       {','.join(synth.views)}: every image under "
+                        f"{len(synth.views)} views, one target each (targets (image, view, D)); "
+                        f"pre-training sees {len(synth) * len(synth.views)} (image, view) pairs")
     if "matching_loss_initial" in prov:
         lines.append(f"  matching    {prov['matching_loss_initial']:.4f} (initial set) -> "
                      f"{prov['matching_loss_final']:.4f} (final set), every expert and start "
@@ -278,7 +282,7 @@ def _evaluate_flags(args: argparse.Namespace) -> dict:
     """Named flags of ``evaluate`` -> EvalConfig values (they win over the recipe and --set)."""
     flags: dict = {"data_root": args.data_root, "seeds": args.seeds, "probe": args.probe,
                    "epochs": args.epochs, "pretrain_steps": _budgets(args.pretrain_steps),
-                   "full_epochs": args.full_epochs}
+                   "full_epochs": args.full_epochs, "views": _eval_views(args.views)}
     if args.baselines is not None:
         flags["baselines"] = tuple(_csv(args.baselines))
     if args.downstream is not None:
@@ -290,6 +294,19 @@ def _evaluate_flags(args: argparse.Namespace) -> dict:
     if args.uniform:
         flags["stratified"] = False
     return {k: v for k, v in flags.items() if v is not None}
+
+
+def _eval_views(value: str | None) -> tuple[str, ...] | None:
+    """``--views`` of evaluate: None (all of each set's views) or the names asked for."""
+    if value is None or value.strip() == "all":
+        return None
+    from ddkd.data.views import parse_views
+
+    views = parse_views(value)
+    if not views:
+        raise ConfigError(f"--views {value!r}: expected all, a view group such as rot4, or a "
+                          "comma list of a set's stored views (e.g. identity)")
+    return views
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -491,6 +508,15 @@ def _add_synthesize(sub) -> None:
     syn.add_argument("--init", help="high-loss (MKDT) or random")
     syn.add_argument("--augment", help="none (MKDT) or dsa (MTT's differentiable siamese "
                      "augmentation, one draw per step shared by all images)")
+    syn.add_argument("--views",
+                     help="predefined views (after Boost-SSD, Yu et al. ICLR 2025; beyond "
+                     "MKDT): none (MKDT), rot4 (identity and the three 90-degree rotations), "
+                     "flip2 (identity, hflip), or a comma list of identity, hflip, vflip, "
+                     "rot90, rot180, rot270. Every image is matched under each view, each "
+                     "(image, view) pair with its own learned target, started from the "
+                     "teacher's target of the viewed real image (--set view_init=copy: the "
+                     "real image's); the inner batches (--batch-syn) are drawn over the pairs, "
+                     "and `ddkd evaluate` pre-trains on every pair" + _STATED)
     syn.add_argument("--segments", type=int,
                      help="expert segments per outer iteration, their meta-gradients averaged "
                      "(MTT/MKDT: 1; default: the number of processes)" + _STATED)
@@ -575,7 +601,12 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--full-epochs", type=int, metavar="E",
                     help="epochs of the full-data KD baseline (default: --epochs). On a whole "
                     "split 20 epochs are thousands of steps: fewer keep the costliest job to "
-                    "what the budget curve needs; its row names its epochs")
+                    "what the budget curve needs; its row names its epochs" + _STATED)
+    ev.add_argument("--views", default="all",
+                    help="a set made with `ddkd synthesize --views` pre-trains on every "
+                    "(image, view) pair with its own target (n x V pairs, so the same epochs "
+                    "take V times the steps); a comma list of its stored views pre-trains on "
+                    "those only (e.g. identity: the views in matching alone)")
     ev.add_argument("--uniform", action="store_true",
                     help="draw labels uniformly as MKDT did (default: class-stratified)"
                     + _STATED)

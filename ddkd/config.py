@@ -50,7 +50,7 @@ FLAGS = {
 SYNTH_FLAGS = {name: f"--{name.replace('_', '-')}" for name in (
     "ipc", "size", "fraction", "iterations", "syn_steps", "max_start_epoch",
     "lr_img", "lr_lr", "lr_targets", "batch_syn", "init", "augment", "memory", "precision",
-    "seed", "segments", "zca")}
+    "seed", "segments", "zca", "views")}
 # M keeps MTT's name expert_epochs in recipes and --set; its flag is --matched-epochs, since
 # teach's --expert-epochs is the epochs each expert trains
 SYNTH_FLAGS["expert_epochs"] = "--matched-epochs"
@@ -244,6 +244,13 @@ class SynthConfig:
     # expert segments per outer iteration, their meta-gradients averaged (MTT/MKDT: 1); with
     # --devices N each device takes its share
     segments: int = 1
+    # Predefined views (after Boost-SSD, Yu et al. ICLR 2025): none, a group (rot4, flip2) or
+    # a comma list of identity, hflip, vflip, rot90, rot180, rot270 (ddkd.data.views); every
+    # image is matched under each view, each (image, view) pair with its own learned target
+    views: str = "none"
+    # where a view's target starts: teacher (the teacher's target of the viewed real image)
+    # or copy (the real image's own target for every view)
+    view_init: str = "teacher"
     max_lr_factor: float = 100.0  # stop when alpha leaves [alpha_0 / f, alpha_0 * f]
     # Trust region of the step size: one outer iteration changes log(alpha) by at most this
     # (0.1: alpha by at most ~10%), however large its meta-gradient. A single spike (e.g. MKDT's
@@ -275,6 +282,7 @@ class SynthConfig:
         _one_of("memory", self.memory, ("unrolled", "constant"))
         _one_of("augment", self.augment, ("none", "dsa"))
         _one_of("precision", self.precision, PRECISIONS)
+        _one_of("view_init", self.view_init, ("teacher", "copy"))
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -313,7 +321,7 @@ EVAL_FLAGS = {"baselines": "--baselines", "downstream": "--downstream",
               "fractions": "--fractions", "seeds": "--seeds", "archs": "--arch",
               "probe": "--probe", "epochs": "--epochs", "pretrain_steps": "--pretrain-steps",
               "stratified": "--uniform", "data_root": "--data-root",
-              "full_epochs": "--full-epochs"}
+              "full_epochs": "--full-epochs", "views": "--views"}
 
 
 @dataclass(frozen=True)
@@ -338,6 +346,8 @@ class EvalConfig:
     # the full-data KD baseline's epochs (None: ``epochs``); on a whole split 20 epochs are
     # thousands of steps, far past any set's budget curve
     full_epochs: int | None = None
+    # pre-train every set on these of its stored views only (None: a set with views on all)
+    views: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.full_epochs is not None and (isinstance(self.full_epochs, bool)

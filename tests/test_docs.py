@@ -227,7 +227,7 @@ def test_the_documented_reader_undoes_normalisation_and_whitening(tmp_path, whit
 
 
 @pytest.mark.parametrize("value, refused", [
-    (None, True), (0, True), (2, True), (1.0, True), ("1", True), (True, True),
+    (None, True), (0, True), (3, True), (1.0, True), ("1", True), (True, True),
     (np.array([1, 1]), True), (1, False), (np.int32(1), False)])
 def test_the_documented_version_rule(tmp_path, value, refused):
     path = tmp_path / "tiny.h5"
@@ -259,6 +259,37 @@ def test_unknown_members_are_ignored_by_both_readers(tmp_path):
         f.attrs["future_attribute"] = "x"
         f["history/future_series"] = np.zeros(1, dtype=np.float32)
     np.testing.assert_allclose(formats_reader()["read_synthset_pixels"](path),
+                               ddkd.load_synthset(path).pixels().numpy(), rtol=0, atol=1e-5)
+
+
+def test_the_documented_reader_gives_the_pairs_of_a_set_with_views(tmp_path):
+    """Version 2: the page's views (numpy) and pair order give what ddkd pre-trains on."""
+    import dataclasses
+
+    from ddkd.data.views import VIEWS
+
+    s, _ = _tiny_set(tmp_path / "plain.h5", whitened=False)
+    square = s.images[:, :, :4, :4].contiguous()  # (6, 3, 4, 4)
+    views = tuple(VIEWS)  # every view the page documents
+    gen = torch.Generator().manual_seed(1)
+    viewed = dataclasses.replace(s, images=square,
+                                 targets=torch.randn(6, len(views), 5, generator=gen),
+                                 views=views)
+    path = tmp_path / "viewed.h5"
+    save_synthset(path, viewed)
+    reader = formats_reader()
+    x, y = reader["read_synthset_pairs"](path)
+    ours_x, ours_y = ddkd.load_synthset(path).pairs()
+    assert x.shape == (6 * len(views), 3, 4, 4) and y.shape == (6 * len(views), 5)
+    np.testing.assert_array_equal(x, ours_x.numpy())
+    np.testing.assert_array_equal(y, ours_y.numpy())
+    assert set(reader["VIEWS"]) == set(VIEWS)
+    # version 1: the images and targets as stored
+    x1, y1 = reader["read_synthset_pairs"](SHIPPED)
+    shipped = ddkd.load_synthset(SHIPPED)
+    np.testing.assert_array_equal(x1, shipped.images.numpy())
+    np.testing.assert_array_equal(y1, shipped.targets.numpy())
+    np.testing.assert_allclose(reader["read_synthset_pixels"](path),
                                ddkd.load_synthset(path).pixels().numpy(), rtol=0, atol=1e-5)
 
 

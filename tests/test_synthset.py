@@ -68,8 +68,8 @@ def test_foreign_truncated_newer_and_misshaped_files_are_refused(tmp_path):
             fn(fh)
         return path
 
-    newer = mutate("newer.h5", lambda fh: fh.attrs.__setitem__("format_version", 2))
-    with pytest.raises(FileFormatError, match="version 2; this ddkd reads up to version 1"):
+    newer = mutate("newer.h5", lambda fh: fh.attrs.__setitem__("format_version", 3))
+    with pytest.raises(FileFormatError, match="version 3; this ddkd reads up to version 2"):
         load_synthset(newer)
     missing = mutate("missing.h5", lambda fh: fh.__delitem__("targets"))
     with pytest.raises(FileFormatError, match="lacks the field 'targets'"):

@@ -95,9 +95,11 @@ class Method:
 
 def _set_method(path: str, synth: SynthSet) -> Method:
     space = Normalization(tuple(synth.mean.tolist()), tuple(synth.std.tolist()))
-    objective = restore_objective(synth.objective, synth.objective_state,
-                                  synth.targets.shape[1])
-    return Method(Path(path).stem, synth.images, synth.targets, synth.lr, space, synth.zca,
+    objective = restore_objective(synth.objective, synth.objective_state, synth.target_dim)
+    # A set with predefined views pre-trains on every (image, view) pair with its own target
+    # (n * V pairs: V times the steps of the same recipe); a plain set on its images.
+    images, targets = synth.pairs()
+    return Method(Path(path).stem, images, targets, synth.lr, space, synth.zca,
                   objective=objective)
 
 
@@ -287,6 +289,8 @@ def prepare(sets: list[str], run_dir: str | None, config: EvalConfig,
     """Open the sets and the baselines' run, build every method and the labelled subsets of
     every task (refusing what cannot be evaluated before any training)."""
     loaded = [(path, load_synthset(path)) for path in sets]
+    if config.views:  # before any work: every set must hold the per-view targets asked for
+        loaded = [(path, s.select_views(config.views, where=path)) for path, s in loaded]
     if not loaded and not config.baselines:
         raise ConfigError("nothing to evaluate: give a synthetic set and/or --baselines")
     shapes = {tuple(s.images.shape[1:]) for _, s in loaded}
@@ -325,6 +329,8 @@ def prepare(sets: list[str], run_dir: str | None, config: EvalConfig,
               "fractions": list(config.fractions), "seeds": config.seeds,
               "archs": list(config.archs), "probe": config.probe, "epochs": config.epochs,
               "stratified": config.stratified, "pretrain_steps": jobs.budgets or None}
+    if config.views:
+        record["views"] = list(config.views)
     if config.full_epochs is not None:  # only when given: journals of earlier evaluations hold
         record["full_epochs"] = config.full_epochs
     return _Plan(jobs, methods, list(config.archs), config.seeds, record, sets)

@@ -122,7 +122,9 @@ def export_set(set_path: str | Path, fmt: str, out: str | Path, layout: str | No
     if layout is not None and layout not in PT_LAYOUTS:
         raise ConfigError(f"--layout {layout!r} is unknown; valid: {', '.join(PT_LAYOUTS)}")
     source = Path(set_path)
-    s = load_synthset(source)
+    # A set with predefined views leaves as its (image, view) pairs: the published layouts
+    # know no views, and the pairs are exactly what pre-training on the set sees.
+    s = load_synthset(source).expanded()
     out = Path(out)
     if fmt in ("npz", "safetensors"):
         data = out if out.suffix == f".{fmt}" else out.with_name(out.name + f".{fmt}")

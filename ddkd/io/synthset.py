@@ -1,13 +1,16 @@
-"""The synthetic-set file: ``ddkd-synthset``, version 1 (HDF5, readable with h5py alone).
+"""The synthetic-set file: ``ddkd-synthset``, versions 1 and 2 (HDF5, readable with h5py
+alone; specified in ``docs/formats.md``).
 
-Layout (documented for users in ``synth_sets/README.md``)::
+Layout::
 
-    /                       attrs: format = "ddkd-synthset", format_version = 1,
-                                   lr (the learned step size alpha), objective (e.g. "mse"),
-                                   provenance (JSON), config (JSON), ddkd_version
+    /                       attrs: format = "ddkd-synthset", format_version = 1 (2 for a set
+                                   with views), lr (the learned step size alpha), objective
+                                   (e.g. "mse"), provenance (JSON), config (JSON), ddkd_version,
+                                   views (version 2 only: comma-separated view names)
     /images                 (n, C, H, W) float32, in the normalised (and, if /zca exists,
                             whitened) space the students were trained in
-    /targets                (n, D) float32 learned target representations
+    /targets                (n, D) float32 learned target representations; version 2:
+                            (n, V, D), [i, v] the target of view v of image i
     /init_indices           (n,) int64 indices into the source training split of the images
                             the set was initialised from
     /normalization/mean     (C,) float64 per-channel mean in [0, 1] pixel units
@@ -20,10 +23,12 @@ Layout (documented for users in ``synth_sets/README.md``)::
     /history/lr             (iterations,) float32 step size per iteration
 
 Pixels in [0, 1] are ``images * std + mean`` (after undoing the ZCA transform, if any).
+A set without views is written as version 1, byte for byte as before views existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
@@ -36,11 +41,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ddkd.data.transforms import ZCA
-from ddkd.errors import FileFormatError
+from ddkd.data.views import check_views_fit, expand_views, parse_views
+from ddkd.errors import ConfigError, FileFormatError
 from ddkd.io.atomic import write_bytes
 
 FORMAT = "ddkd-synthset"
-VERSION = 1
+VERSION = 2  # the newest this ddkd reads and writes; a set without views is written as 1
+_VERSION_VIEWS = 2
 
 
 @dataclass
@@ -49,13 +56,16 @@ class SynthSet:
 
     Attributes:
         images: ``(n, C, H, W)`` float32, normalised (model-input) space.
-        targets: ``(n, D)`` float32 learned targets.
+        targets: ``(n, D)`` float32 learned targets; with ``views``, ``(n, V, D)``: row
+            ``[i, v]`` is the target of image ``i`` under view ``views[v]``.
         lr: the learned step size (the pre-training learning rate).
         mean, std: per-channel normalisation, ``(C,)``.
         objective: KD objective name; ``objective_state`` its fitted tensors.
         provenance, config: JSON-able dicts.
         init_indices: ``(n,)`` int64.
         history: per-iteration ``loss`` and ``lr``.
+        views: the predefined views every image is used under (``ddkd.data.views``), e.g.
+            ``("identity", "rot90")``; empty for a plain set (format version 1).
     """
 
     images: torch.Tensor
@@ -70,13 +80,53 @@ class SynthSet:
     objective_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: dict[str, np.ndarray] = field(default_factory=dict)
     zca: ZCA | None = None
+    views: tuple[str, ...] = ()
 
     def __len__(self) -> int:
+        """The number of stored images (a viewed set pre-trains on ``len * V`` pairs)."""
         return self.images.shape[0]
 
+    @property
+    def target_dim(self) -> int:
+        return self.targets.shape[-1]
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What pre-training regresses: ``(x (m, C, H, W), y (m, D))``, every (image, view)
+        pair with its own target (``m = n * V``, image-major), or the images and targets
+        themselves for a set without views."""
+        if not self.views:
+            return self.images, self.targets
+        return expand_views(self.images, self.views), self.targets.flatten(0, 1)
+
     def dataset(self) -> TensorDataset:
-        """A torch ``Dataset`` of ``(image, target)`` pairs."""
-        return TensorDataset(self.images, self.targets)
+        """A torch ``Dataset`` of ``(image, target)`` pairs (every view of a viewed set)."""
+        return TensorDataset(*self.pairs())
+
+    def select_views(self, views: tuple[str, ...], flag: str = "--views",
+                     where: str = "the set") -> SynthSet:
+        """The set restricted to some of its stored views (their targets only), in the order
+        given; refuses views the set does not store, and a set without views."""
+        if not self.views:
+            raise ConfigError(f"{flag} {','.join(views)}: {where} has no per-view targets (made "
+                              "without `ddkd synthesize --views`, format version 1); expected "
+                              "a set made with --views, or leave out " + flag)
+        missing = [v for v in views if v not in self.views]
+        if missing:
+            raise ConfigError(f"{flag} {','.join(views)}: {where} has no targets for the view "
+                              f"{missing[0]!r}; it stores {','.join(self.views)}")
+        columns = torch.tensor([self.views.index(v) for v in views])
+        return dataclasses.replace(self, targets=self.targets[:, columns], views=tuple(views))
+
+    def expanded(self) -> SynthSet:
+        """The set as a plain one of its ``n * V`` (image, view) pairs, for tools that know no
+        views (what pre-training sees is the same); a set without views is returned as is."""
+        if not self.views:
+            return self
+        images, targets = self.pairs()
+        v = len(self.views)
+        return dataclasses.replace(self, images=images.contiguous(), targets=targets,
+                                   init_indices=self.init_indices.repeat_interleave(v),
+                                   views=())
 
     def pixels(self) -> torch.Tensor:
         """Images in [0, 1] pixel units ``(n, C, H, W)`` (clamped), for viewing."""
@@ -99,12 +149,14 @@ def save_synthset(path: str | Path, s: SynthSet) -> None:
         from ddkd.version import __version__
 
         fh.attrs["format"] = FORMAT
-        fh.attrs["format_version"] = VERSION
+        fh.attrs["format_version"] = _VERSION_VIEWS if s.views else 1
         fh.attrs["lr"] = float(s.lr)
         fh.attrs["objective"] = s.objective
         fh.attrs["provenance"] = json.dumps(s.provenance, sort_keys=True)
         fh.attrs["config"] = json.dumps(s.config, sort_keys=True)
         fh.attrs["ddkd_version"] = __version__
+        if s.views:
+            fh.attrs["views"] = ",".join(s.views)
         fh.create_dataset("images", data=s.images.detach().cpu().numpy().astype(np.float32))
         fh.create_dataset("targets", data=s.targets.detach().cpu().numpy().astype(np.float32))
         fh.create_dataset("init_indices", data=s.init_indices.cpu().numpy().astype(np.int64))
@@ -143,9 +195,7 @@ def _validate(s: SynthSet, where: str, finite: bool = True) -> None:
         raise FileFormatError(f"{where}: /images has {s.images.shape[1]} channels but "
                               f"/normalization/mean has {c} entries (one per channel)")
     c = s.images.shape[1]
-    if s.targets.ndim != 2 or s.targets.shape[0] != n:
-        raise FileFormatError(
-            f"{where}: targets must be (n={n}, D), got {tuple(s.targets.shape)}")
+    _check_targets(s, where, n)
     if s.init_indices.shape != (n,):
         raise FileFormatError(f"{where}: init_indices must be ({n},), got "
                               f"{tuple(s.init_indices.shape)}")
@@ -169,6 +219,24 @@ def _validate(s: SynthSet, where: str, finite: bool = True) -> None:
         if bad:
             raise FileFormatError(f"{where}: {bad[0]}; the set is damaged (a diverged run?) and "
                                   "cannot be pre-trained on")
+
+
+def _check_targets(s: SynthSet, where: str, n: int) -> None:
+    """/targets is (n, D), or (n, V, D) with one target per image and view of a viewed set."""
+    if s.views:
+        v = len(s.views)
+        if s.targets.ndim != 3 or s.targets.shape[:2] != (n, v):
+            raise FileFormatError(
+                f"{where}: a set with {v} views ({','.join(s.views)}) needs targets (n={n}, "
+                f"V={v}, D), one per image and view; got {tuple(s.targets.shape)}")
+        try:
+            check_views_fit(s.views, tuple(s.images.shape), flag="views",
+                            where=f"{where}'s images")
+        except ConfigError as err:
+            raise FileFormatError(str(err)) from err
+    elif s.targets.ndim != 2 or s.targets.shape[0] != n:
+        raise FileFormatError(
+            f"{where}: targets must be (n={n}, D), got {tuple(s.targets.shape)}")
 
 
 def non_finite_members(s: SynthSet) -> list[str]:
@@ -197,10 +265,9 @@ def non_finite_members(s: SynthSet) -> list[str]:
 def _check_objective_state(s: SynthSet, where: str) -> None:
     """The objective's state must map teacher features into the targets' space: restore the
     objective from it and compare the width it produces with /targets'."""
-    from ddkd.errors import ConfigError
     from ddkd.objectives import restore_objective
 
-    dim = s.targets.shape[1]
+    dim = s.target_dim
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(s.objective_state.items()))
     state = f"/objective ({shapes or 'empty'})"
     try:
@@ -224,20 +291,47 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _check_version(fh: h5py.File, path: Path) -> None:
+_EXPECTED_VERSION = "the integer 1, or 2 for a set with views"
+
+
+def _check_version(fh: h5py.File, path: Path) -> int:
     if "format_version" not in fh.attrs:
-        raise FileFormatError(f"{path} lacks the attribute format_version (expected the integer "
-                              f"{VERSION})")
+        raise FileFormatError(f"{path} lacks the attribute format_version (expected "
+                              f"{_EXPECTED_VERSION})")
     version = fh.attrs["format_version"]
     if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
         raise FileFormatError(f"{path}: the attribute format_version is {_describe(version)}, "
-                              f"expected the integer {VERSION}")
+                              f"expected {_EXPECTED_VERSION}")
     if version > VERSION:
         raise FileFormatError(f"{path} is {FORMAT} version {version}; this ddkd reads up to "
                               f"version {VERSION}: upgrade ddkd")
     if version < 1:
         raise FileFormatError(f"{path}: the attribute format_version is {int(version)}, "
-                              f"expected the integer {VERSION}")
+                              f"expected {_EXPECTED_VERSION}")
+    return int(version)
+
+
+def _views_attr(fh: h5py.File, version: int, path: Path) -> tuple[str, ...]:
+    """Version 2's required attribute ``views`` -> the view names (version 1: none)."""
+    if version < _VERSION_VIEWS:
+        return ()
+    if "views" not in fh.attrs:
+        raise FileFormatError(f"{path} is {FORMAT} version {version} but lacks the attribute "
+                              "views (expected the comma-separated view names, e.g. "
+                              "'identity,rot90')")
+    raw = fh.attrs["views"]
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if not isinstance(text, str):
+        raise FileFormatError(f"{path}: the attribute views is {_describe(raw)}, expected a "
+                              "string of comma-separated view names")
+    try:
+        views = parse_views(text, flag="the attribute views")
+    except ConfigError as err:
+        raise FileFormatError(f"{path}: {err}") from err
+    if not views:
+        raise FileFormatError(f"{path}: the attribute views is {text!r}; a version {version} "
+                              "set names at least one view")
+    return views
 
 
 def _array(fh: h5py.File | h5py.Group, name: str, path: Path) -> np.ndarray:
@@ -299,7 +393,8 @@ def load_synthset(path: str | Path, finite: bool = True) -> SynthSet:
         if fmt != FORMAT:
             raise FileFormatError(f"{path} is not a ddkd synthetic set (format attribute {fmt!r}, "
                                   f"expected {FORMAT!r})")
-        _check_version(fh, path)
+        version = _check_version(fh, path)
+        views = _views_attr(fh, version, path)
         try:
             s = SynthSet(
                 images=torch.from_numpy(_array(fh, "images", path)),
@@ -317,6 +412,7 @@ def load_synthset(path: str | Path, finite: bool = True) -> SynthSet:
                 zca=ZCA(**{k: torch.from_numpy(_array(fh["zca"], k, path))
                            for k in ("mean", "matrix", "inverse")},
                         eps=_number_attr(fh["zca"], "eps", path)) if "zca" in fh else None,
+                views=views,
             )
         except KeyError as err:
             missing = [k for k in ("images", "targets", "init_indices", "normalization/mean",
@@ -326,7 +422,7 @@ def load_synthset(path: str | Path, finite: bool = True) -> SynthSet:
             missing += [a for a in ("lr", "objective", "provenance", "config")
                         if a not in fh.attrs]
             raise FileFormatError(f"{path} lacks the field {(missing or [str(err)])[0]!r} of "
-                                  f"{FORMAT} version {VERSION}") from err
+                                  f"{FORMAT} version {version}") from err
         except OSError as err:
             raise FileFormatError(f"{path} is damaged (truncated?): {err}") from err
     _validate(s, str(path), finite=finite)

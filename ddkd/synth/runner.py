@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ddkd.config import SynthConfig, to_dict
+from ddkd.data.views import check_views_fit, parse_views
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.io.atomic import check_writable
 from ddkd.io.experts import ExpertsFile
@@ -49,6 +50,7 @@ from ddkd.synth.matching import (
     sample_batches,
     unroll,
 )
+from ddkd.synth.views import initial_view_targets, load_run_teacher, viewed_pairs, with_views
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +206,16 @@ def run_synthesize(
                           f"processes: give a multiple of {dist.world}")
     if out is not None:
         check_writable(out, "--out")  # before any work (a default --out: once it is known)
+    parse_views(config.views)  # an unknown view is named before the run is read
     opened = open_run(run_dir)
     with ExpertsFile(opened.run.experts) as experts:
         plan = prepare(config, opened, experts, out, device, resume, overwrite, dist)
         dist.barrier()  # every rank has checked the same state before rank 0 changes it
         plan.output.start(plan.record, resume)
         state = initial_state(plan)
-        initial_probe = probe_matching_loss(plan.model, plan.spec, experts, config, state.x,
-                                            state.y, plan.alpha0, device, plan.objective.loss)
+        initial_probe = probe_matching_loss(plan.model, plan.spec, experts, config,
+                                            *_probe_set(plan, state), plan.alpha0, device,
+                                            plan.objective.loss)
         start = resume_state(plan, state) if resume else 0
         tally = _Tally()
         bar = tqdm(total=config.iterations, initial=start, desc="matching", unit="it",
@@ -228,8 +232,8 @@ def run_synthesize(
         if plan.output.saved_at != config.iterations:
             # The finished state, so that a failed final write (a full disk) resumes to it.
             plan.output.save_checkpoint(state.state_dict(), config.iterations)
-        final_probe = probe_matching_loss(plan.model, plan.spec, experts, config, state.x,
-                                          state.y, float(state.alpha), device,
+        final_probe = probe_matching_loss(plan.model, plan.spec, experts, config,
+                                          *_probe_set(plan, state), float(state.alpha), device,
                                           plan.objective.loss)
         if not dist.is_main:  # every rank holds the same set; rank 0 writes it
             return {"out": str(plan.output.out), "rank": dist.rank, "probe_final": final_probe}
@@ -253,6 +257,7 @@ class _Plan:
     output: PartialSet
     record: dict  # the partial folder's config.json
     n: int  # images of the set
+    views: tuple[str, ...]  # --views: the predefined views of every image (empty: none)
     model: ConvNet  # the student (a template: its parameters come from the experts)
     spec: ParamSpec
     objective: Objective  # fitted, on the device
@@ -280,6 +285,8 @@ def prepare(config: SynthConfig, opened: OpenedRun, experts: ExpertsFile,
             "them or record longer experts"
         )
     experts.check_finite(last_needed)  # a damaged file is named now, not as a divergence
+    views = tuple(parse_views(config.views))
+    check_views_fit(views, tuple(opened.images.shape), where=f"the images of {opened.run.root}")
     n = config.num_images(opened.num_classes, opened.images.shape[0])
     out = Path(out) if out is not None else default_out(opened.dataset, config, n)
     check_writable(out, "--out")
@@ -298,11 +305,12 @@ def prepare(config: SynthConfig, opened: OpenedRun, experts: ExpertsFile,
     if opened.zca is not None:
         # The experts define the input space: a whitened run is matched in whitened space.
         log.info("the run's experts were trained on ZCA-whitened images: matching in that space")
+    compute = meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory
     return _Plan(
-        config, opened, experts, output, record, n, model, header.param_spec,
+        config, opened, experts, output, record, n, views, model, header.param_spec,
         objective=opened.objective.to(device),
         alpha0=config.lr_init if config.lr_init is not None else header.experts_config["lr"],
-        compute=meta_gradient if config.memory == "unrolled" else meta_gradient_constant_memory,
+        compute=with_views(compute, views) if views else compute,
         dsa=DSA(config.seed) if config.augment == "dsa" else None,
         amp_dtype=amp_dtype, device=device, dist=dist)
 
@@ -330,9 +338,24 @@ def initial_state(plan: _Plan) -> _State:
     else:
         init = random_indices(len(x_real), plan.n, make_generator(plan.config.seed,
                                                                    Stream.SYNTH_INIT))
-    state = _State(x_real[init.to(device)], z_real[init.to(device)], plan.alpha0, plan.config)
+    x_init, y_init = x_real[init.to(device)], z_real[init.to(device)]
+    del x_real, z_real
+    if plan.views:  # (n, V, D): one learnable target per (image, view)
+        teacher = (load_run_teacher(opened.run.teacher)
+                   if plan.config.view_init == "teacher" else None)
+        y_init = initial_view_targets(plan.views, plan.config.view_init, y_init,
+                                      opened.images[init], teacher, opened.normalization,
+                                      plan.objective, device)
+    state = _State(x_init, y_init, plan.alpha0, plan.config)
     state.init_indices = init
     return state
+
+
+def _probe_set(plan: _Plan, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set as the fixed matching-loss probe sees it: its (image, view) pairs with views."""
+    if plan.views:
+        return viewed_pairs(state.x.detach(), state.y.detach(), plan.views)
+    return state.x, state.y
 
 
 def resume_state(plan: _Plan, state: _State) -> int:
@@ -392,7 +415,8 @@ def match_step(plan: _Plan, state: _State, tally: _Tally, it: int) -> _Step:
     A non-finite meta-gradient or a step size leaving its band stops the run with the last
     good state checkpointed (``TrainingError``)."""
     config = plan.config
-    mine = [sample_segment(plan.experts, config, plan.n, it, plan.device, j)
+    pairs = plan.n * max(1, len(plan.views))  # the inner batches index (image, view) pairs
+    mine = [sample_segment(plan.experts, config, pairs, it, plan.device, j)
             for j in range(config.segments) if j % plan.dist.world == plan.dist.rank]
     loss, grad_x, grad_y, grad_alpha = _mean_meta_gradient(plan, state, mine, it)
     before = _clone(state.state_dict())
@@ -452,6 +476,8 @@ def finish(plan: _Plan, state: _State, probes: tuple[float, float],
     provenance = synth_provenance(
         opened, len(plan.experts), asdict(plan.model.config), to_dict(plan.config), probes,
         plan.dist.world, {**environment_record(plan.device), "command": command})
+    if plan.views:
+        provenance.update(views=list(plan.views), view_init=plan.config.view_init)
     plan.output.finish(SynthSet(
         images=state.x.detach().cpu(),
         targets=state.y.detach().cpu(),
@@ -465,5 +491,6 @@ def finish(plan: _Plan, state: _State, probes: tuple[float, float],
         init_indices=opened.indices[state.init_indices],
         history={"loss": losses, "lr": lrs},  # type: ignore[dict-item]
         zca=opened.zca,
+        views=plan.views,
     ))
     return losses

@@ -346,6 +346,8 @@ def initial_state(plan: _Plan) -> _State:
         y_init = initial_view_targets(plan.views, plan.config.view_init, y_init,
                                       opened.images[init], teacher, opened.normalization,
                                       plan.objective, device)
+        if plan.dist.world > 1:  # one start for every rank, even if their teacher forwards differ
+            y_init = plan.dist.sum([y_init])[0] / plan.dist.world
     state = _State(x_init, y_init, plan.alpha0, plan.config)
     state.init_indices = init
     return state

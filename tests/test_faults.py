@@ -404,8 +404,8 @@ def test_fault_is_one_clear_line(case, made, tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"ddkd {argv[0]}: error: ") and "Traceback" not in err, err
     for word in words:
-        if word.startswith("!"):
-            assert word[1:] not in err, err
+        if word.startswith("!"):  # not in the message; the temporary paths may hold anything
+            assert word[1:] not in err.replace(str(tmp_path.parent), "TMP"), err
         else:
             assert word in err, err
     assert not list(tmp_path.rglob(".*.tmp")), "a failed write left its temp file"

@@ -21,11 +21,9 @@ import time
 
 import torch
 
-from ddkd.data.transforms import ZCA, Normalization
 from ddkd.io.experts import ExpertsFile
 from ddkd.io.run import open_run
 from ddkd.models.convnet import ConvNet, ConvNetConfig
-from ddkd.objectives import restore_objective
 from ddkd.runtime import make_generator
 from ddkd.subsets import random_indices
 from ddkd.synth.matching import matching_loss, sample_batches, unroll
@@ -43,16 +41,12 @@ def _floats(text: str) -> list[float]:
 
 def real_subset(run_dir: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, object]:
     """A random real subset in the experts' input and target spaces, and the objective."""
-    opened = open_run(run_dir)
-    normalize = Normalization(tuple(opened.normalization["mean"]),
-                              tuple(opened.normalization["std"]))
+    opened = open_run(run_dir)  # builds the run's normalisation, ZCA and fitted objective
     idx = random_indices(opened.images.shape[0], size, make_generator(seed, _STREAM_REACH))
-    x = normalize(opened.images[idx])
+    x = opened.normalization(opened.images[idx])
     if opened.zca is not None:
-        x = ZCA(**opened.zca, eps=float(opened.teach_config["data"].get("zca_eps", 0.1)))(x)
-    objective = restore_objective(opened.objective, opened.objective_state or {},
-                                  opened.targets.shape[1])
-    return x, objective.targets(opened.targets[idx]), objective
+        x = opened.zca(x)
+    return x, opened.objective.targets(opened.targets[idx]), opened.objective
 
 
 def reach(experts: ExpertsFile, x: torch.Tensor, y: torch.Tensor, loss_fn, syn_steps: int,

@@ -105,3 +105,17 @@ def make_tiny_run_and_set(root: Path) -> tuple[Path, Path, Path]:
                  "--iterations", "2", "--syn-steps", "2", "--matched-epochs", "1",
                  "--max-start-epoch", "1", "--no-progress"]) == 0
     return folder, run, synth
+
+
+def directional_derivatives(loss_of, args: dict, mg, which: str,
+                            eps: float = 1e-6) -> tuple[float, float]:
+    """(analytic, central-difference) derivative of ``loss_of(**args)`` along one seeded random
+    direction of the input ``which`` (x, y or alpha), the analytic one from the meta-gradient
+    ``mg``."""
+    grad = {"x": mg.grad_x, "y": mg.grad_y, "alpha": mg.grad_alpha}[which]
+    direction = torch.randn_like(args[which], generator=torch.Generator().manual_seed(1)) \
+        if args[which].ndim else torch.ones_like(args[which])
+    plus = dict(args, **{which: args[which] + eps * direction})
+    minus = dict(args, **{which: args[which] - eps * direction})
+    numeric = (loss_of(**plus) - loss_of(**minus)) / (2 * eps)
+    return (grad * direction).sum().item(), numeric

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import directional_derivatives
 from ddkd.models import ConvNet, ConvNetConfig
 from ddkd.models.functional import ParamSpec, flat_params
 from ddkd.synth.augment import DSA
@@ -44,16 +45,9 @@ def test_meta_gradient_matches_finite_differences(which, augment):
     dsa = DSA(seed=0)
     aug = (lambda images, step: dsa(images, 0, step)) if augment == "dsa" else None
     mg = meta_gradient(model, spec, segment, x, y, alpha, augment=aug)
-    args = {"x": x, "y": y, "alpha": alpha}
-    grad = {"x": mg.grad_x, "y": mg.grad_y, "alpha": mg.grad_alpha}[which]
-    direction = torch.randn_like(args[which], generator=torch.Generator().manual_seed(1)) \
-        if args[which].ndim else torch.ones_like(args[which])
-    eps = 1e-6
-    plus = dict(args, **{which: args[which] + eps * direction})
-    minus = dict(args, **{which: args[which] - eps * direction})
-    numeric = (_loss(model, spec, segment, **plus, augment=aug)
-               - _loss(model, spec, segment, **minus, augment=aug)) / (2 * eps)
-    analytic = (grad * direction).sum().item()
+    analytic, numeric = directional_derivatives(
+        lambda **a: _loss(model, spec, segment, **a, augment=aug),
+        {"x": x, "y": y, "alpha": alpha}, mg, which)
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
     assert mg.loss.item() == pytest.approx(_loss(model, spec, segment, x, y, alpha, aug))
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TEACH, write_imagefolder
+from conftest import TINY_TEACH, directional_derivatives, write_imagefolder
 from ddkd.cli import main
 from ddkd.data.views import GROUPS, VIEWS, apply_view, check_views_fit, expand_views, parse_views
 from ddkd.errors import ConfigError, FileFormatError
@@ -123,16 +123,9 @@ def test_viewed_meta_gradient_matches_finite_differences(which, memory):
                          else meta_gradient_constant_memory, THREE)
     mg = compute(model, spec, segment, x, y, alpha)
     assert mg.grad_x.shape == x.shape and mg.grad_y.shape == y.shape
-    args = {"x": x, "y": y, "alpha": alpha}
-    grad = {"x": mg.grad_x, "y": mg.grad_y, "alpha": mg.grad_alpha}[which]
-    direction = torch.randn_like(args[which], generator=torch.Generator().manual_seed(1)) \
-        if args[which].ndim else torch.ones_like(args[which])
-    eps = 1e-6
-    plus = dict(args, **{which: args[which] + eps * direction})
-    minus = dict(args, **{which: args[which] - eps * direction})
-    numeric = (_viewed_loss(model, spec, segment, **plus)
-               - _viewed_loss(model, spec, segment, **minus)) / (2 * eps)
-    analytic = (grad * direction).sum().item()
+    analytic, numeric = directional_derivatives(
+        lambda **a: _viewed_loss(model, spec, segment, **a), {"x": x, "y": y, "alpha": alpha},
+        mg, which)
     assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
     assert mg.loss.item() == pytest.approx(_viewed_loss(model, spec, segment, x, y, alpha))
 

@@ -569,12 +569,14 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--baselines",
                     help="comma list (or '' for none) of: none (a freshly initialised encoder, "
                     "no pre-training), random (a random real subset of the set's size with the "
-                    "teacher's targets, drawn per seed), high-loss (MKDT's high-loss subset), "
+                    "teacher's targets, drawn per seed), random-views (that subset under a "
+                    "viewed set's views, each (image, view) with the teacher's target: the "
+                    "control of a set made with --views), high-loss (MKDT's high-loss subset), "
                     "ssl-random (the random subset trained with the teacher's SSL objective), "
                     "full (all the run's images with KD: costly on a CPU, 20 epochs over the "
                     "run), teacher (the teacher's own features: the ceiling). Default: all but "
-                    "full; only none when the set's teach run is not available (a shared set)"
-                    + _STATED)
+                    "full (random-views only for a viewed set); only none when the set's teach "
+                    "run is not available (a shared set)" + _STATED)
     ev.add_argument("--downstream",
                     help="comma list of datasets (default: the source)" + _STATED)
     ev.add_argument("--data-root", help="folder holding the downstream datasets")

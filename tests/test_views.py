@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TEACH, directional_derivatives, write_imagefolder
+from conftest import TINY_TEACH, directional_derivatives, make_tiny_run_and_set, write_imagefolder
 from ddkd.cli import main
 from ddkd.data.views import GROUPS, VIEWS, apply_view, check_views_fit, expand_views, parse_views
 from ddkd.errors import ConfigError, FileFormatError
@@ -410,3 +410,51 @@ def test_a_view_the_set_does_not_store_is_refused(tmp_path, capsys, monkeypatch)
                  "--out", str(tmp_path / "eval"), "--no-progress", "--downstream", "x"])
     assert code == 2
     assert "no targets for the view 'vflip'; it stores identity,hflip,rot90" in _one_line(capsys)
+
+
+def test_random_views_baseline_is_the_random_subset_under_the_sets_views(tiny_run, tmp_path):
+    """The viewed set's control: the same images as random + KD of that seed, each under
+    every view with the teacher's target of the viewed image (the identity view: the run's)."""
+    from ddkd.config import EvalConfig
+    from ddkd.eval.runner import prepare
+    from ddkd.io.run import open_run
+    from ddkd.synth.views import load_run_teacher, teacher_view_targets
+
+    out = tmp_path / "viewed.h5"
+    assert main(["synthesize", "--run", str(tiny_run), "--out", str(out), *SYN,
+                 "--views", "identity,hflip,rot90"]) == 0
+    plan = prepare([str(out)], str(tiny_run), EvalConfig(seeds=1, fractions=(0.5,)),
+                   torch.device("cpu"))
+    by_name = {m.baseline: m for m in plan.methods}
+    assert "random-views" in by_name  # in the default baselines of a viewed set
+    random, viewed = by_name["random"], by_name["random-views"]
+    assert viewed.name == "random subset + KD, 3 views (n=4)"
+    x_plain, z_plain = random.data(seed=0)
+    x_pairs, z_pairs = viewed.data(seed=0)
+    assert x_pairs.shape == (12, *x_plain.shape[1:]) and z_pairs.shape == (12, z_plain.shape[1])
+    opened = open_run(tiny_run)
+    teacher = load_run_teacher(opened.run.teacher)
+    chosen = [int(torch.nonzero((random.images == x).flatten(1).all(1))[0]) for x in x_plain]
+    for v, name in enumerate(THREE):
+        assert torch.equal(x_pairs[v::3], apply_view(x_plain, name))
+        if name == "identity":
+            assert torch.equal(z_pairs[v::3], z_plain)
+        else:
+            expected = teacher_view_targets(teacher, opened.images[chosen],
+                                            opened.normalization, opened.objective, name,
+                                            torch.device("cpu"))
+            torch.testing.assert_close(z_pairs[v::3], expected)
+
+
+def test_random_views_without_a_viewed_set_is_refused_before_any_work(tmp_path,
+                                                                      capsys,
+                                                                      monkeypatch):
+    import ddkd.eval.runner as runner
+
+    _, _, plain = make_tiny_run_and_set(tmp_path)
+    monkeypatch.setattr(runner, "_job_rows", lambda *a: pytest.fail("work began"))
+    code = main(["evaluate", str(plain), "--baselines", "none,random-views",
+                 "--out", str(tmp_path / "eval"), "--no-progress"])
+    assert code == 2
+    line = _one_line(capsys)
+    assert "--baselines random-views" in line and "none of the sets has views" in line

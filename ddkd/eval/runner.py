@@ -59,6 +59,7 @@ from ddkd.runtime import (
 )
 from ddkd.ssl_training import SSLSchedule, SSLTrainer, recalibrate_batchnorm
 from ddkd.subsets import high_loss_indices
+from ddkd.synth.views import initial_view_targets, load_run_teacher, viewed_pairs
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,21 @@ class Method:
     objective: Objective | None = None  # the KD objective of ``targets`` (None: MSE)
     baseline: str | None = None  # the --baselines name; None for a synthetic set
     epochs: int | None = None  # pre-training epochs of this method (None: --epochs)
+    # predefined views of a subset baseline: ``targets`` is (N, V, D), one per (image, view)
+    views: tuple[str, ...] = ()
 
     def data(self, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.subset_size is None or self.images is None:
             return self.images, self.targets
-        # One stream for every random-subset method: "random + KD" and "random + SSL" of a
-        # seed see the same images, so the two rows differ only in the objective.
+        # One stream for every random-subset method: "random + KD", "random + KD with views"
+        # and "random + SSL" of a seed see the same images, so the rows differ only in how
+        # those images are used.
         gen = make_generator(seed, Stream.RANDOM_SUBSET)
         idx = torch.randperm(len(self.images), generator=gen)[: self.subset_size]
-        return self.images[idx], None if self.targets is None else self.targets[idx]
+        images, targets = self.images[idx], None if self.targets is None else self.targets[idx]
+        if self.views and targets is not None:  # every (image, view) pair, as a viewed set
+            return viewed_pairs(images, targets, self.views)
+        return images, targets
 
 
 def _set_method(path: str, synth: SynthSet) -> Method:
@@ -157,6 +164,22 @@ def _random_kd(d: _RealData) -> Method:
                   baseline="random")
 
 
+def _random_views_kd(d: _RealData) -> Method:
+    """The fair control of a set made with predefined views: the random subset of ``random``
+    used as a viewed set is, every image under each of the set's views with the teacher's
+    target of that viewed image (what ``synthesize --views`` starts its targets from), so
+    that it pre-trains on as many (image, view) pairs, for as many steps."""
+    views = next(s.views for s in d.sets if s.views)  # checked by _baseline_names
+    teacher = load_run_teacher(d.source.teacher_file)
+    log.info("random-views: the teacher's targets of the run's %d images under %s",
+             len(d.x), ",".join(views))
+    z_views = initial_view_targets(views, "teacher", d.z, d.source.images, teacher,
+                                   d.source.normalization, d.objective, torch.device("cpu"))
+    return Method(f"random subset + KD, {len(views)} views (n={d.size})", d.x, z_views,
+                  _BASELINE_LR, d.source.normalization, d.zca, subset_size=d.size,
+                  objective=d.objective, baseline="random-views", views=views)
+
+
 def _high_loss_kd(d: _RealData) -> Method:
     idx = _high_loss_subset(d.source, d.x, d.z, d.objective, d.size, d.sets, d.device)
     return Method(f"high-loss subset + KD (n={d.size})", d.x[idx], d.z[idx], _BASELINE_LR,
@@ -192,7 +215,8 @@ def _teacher(d: _RealData) -> Method:
 
 #: --baselines name -> the method it builds (names: ddkd.config.BASELINES)
 _BASELINE_BUILDERS: dict[str, Callable[[_RealData], Method]] = {
-    "none": _no_pretraining, "random": _random_kd, "high-loss": _high_loss_kd,
+    "none": _no_pretraining, "random": _random_kd, "random-views": _random_views_kd,
+    "high-loss": _high_loss_kd,
     "ssl-random": _random_ssl, "full": _full_kd, "teacher": _teacher,
 }
 
@@ -351,6 +375,12 @@ def _baseline_names(config: EvalConfig, run_dir: str | None, loaded: list, shipp
                         "only; pass --run RUN_DIR for the other baselines", loaded[0][0],
                         loaded[0][1].provenance.get("run"))
             baselines = ["none"]
+        elif any(s.views for _, s in loaded):  # a viewed set's fair control
+            baselines.insert(baselines.index("random") + 1, "random-views")
+    if "random-views" in baselines and not any(s.views for _, s in loaded):
+        raise ConfigError("--baselines random-views is the control of a set made with "
+                          "`ddkd synthesize --views`, and none of the sets has views; expected "
+                          "a viewed set, or leave random-views out")
     if budgets and "full" not in baselines:
         log.info("--pretrain-steps: adding the full-data KD baseline (the curve's reference)")
         baselines = [*baselines, "full"]

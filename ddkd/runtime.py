@@ -119,6 +119,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def separate_compile_cache() -> str | None:
+    """Point ``torch.compile``'s CPU kernel cache at a folder of this process's instruction
+    sets, unless the user chose one (``TORCHINDUCTOR_CACHE_DIR``) -> the folder set, or None.
+
+    Inductor's cache keys do not include PyTorch's kernel capability
+    (``ATEN_CPU_CAPABILITY``) or oneDNN's (``ONEDNN_MAX_CPU_ISA``): a run limited to AVX2 that
+    reuses kernels an AVX-512 run cached trains to NaN or dies in ``free()``, and the other
+    way round (docs/performance.md, "Is it the instruction set?"). One folder per pair keeps
+    them apart. Must run before inductor first reads its cache folder.
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    aten = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "all"
+    folder = os.path.join(default_cache_dir(), f"ddkd-{aten}-onednn-{onednn}".lower())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
 def autocast_dtype(precision: str, device: torch.device, option: str) -> torch.dtype | None:
     """The ``torch.autocast`` dtype of a ``precision`` setting (``None``: plain float32).
 

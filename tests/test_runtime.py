@@ -1,5 +1,7 @@
 """Helpers of ddkd.runtime that the stages share."""
 
+import os
+
 import torch
 
 from ddkd.runtime import global_cpu_rng_from, make_generator
@@ -17,3 +19,29 @@ def test_global_cpu_rng_from_is_reproducible_and_leaves_the_callers_rng_alone():
         assert torch.equal(torch.random.get_rng_state(), before)
         with global_cpu_rng_from(make_generator(7, 2)):
             assert not torch.equal(torch.randn(5), draws[0])
+
+
+def test_compile_cache_is_kept_apart_per_instruction_set(monkeypatch):
+    """Kernels cached under one kernel capability poison runs under another (NaN losses, a
+    crash in free()): ddkd gives each (ATen, oneDNN) pair its own folder, unless the user
+    chose one."""
+    from ddkd.runtime import separate_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    native = separate_compile_cache()
+    assert native is not None and native.endswith("ddkd-avx512-onednn-all")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == native
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    limited = separate_compile_cache()
+    assert limited is not None and limited.endswith("ddkd-avx2-onednn-avx2")
+    assert os.path.dirname(limited) == os.path.dirname(native)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen/by/the/user")
+    assert separate_compile_cache() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen/by/the/user"

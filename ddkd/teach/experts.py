@@ -37,7 +37,14 @@ from ddkd.config import ExpertConfig
 from ddkd.errors import ConfigError, TrainingError
 from ddkd.models.convnet import ConvNet, ConvNetConfig
 from ddkd.models.functional import flat_params
-from ddkd.runtime import Stream, autocast_dtype, global_cpu_rng_from, make_generator, maybe_autocast
+from ddkd.runtime import (
+    Stream,
+    autocast_dtype,
+    global_cpu_rng_from,
+    make_generator,
+    maybe_autocast,
+    separate_compile_cache,
+)
 
 
 def compile_available(device: torch.device) -> bool:
@@ -57,6 +64,8 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
         need = "Triton" if device.type == "cuda" else "a C++ compiler (g++)"
         raise ConfigError(f"experts.compile = on needs {need} for torch.compile on {device.type}; "
                           "install it or set experts.compile=off")
+    if available and device.type == "cpu":
+        separate_compile_cache()
     return available
 
 

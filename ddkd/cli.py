@@ -747,9 +747,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         stream=sys.stderr,
     )
-    from ddkd.runtime import tune_cpu_allocator
+    from ddkd.runtime import separate_compile_cache, tune_cpu_allocator
 
     tune_cpu_allocator()  # faster CPU training, same results; see its docstring
+    # before anything imports torch._dynamo, which fixes the compile cache's folder on import
+    separate_compile_cache()
     try:
         return args.func(args)
     except DiskFullError as err:

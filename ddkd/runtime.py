@@ -127,7 +127,8 @@ def separate_compile_cache() -> str | None:
     (``ATEN_CPU_CAPABILITY``) or oneDNN's (``ONEDNN_MAX_CPU_ISA``): a run limited to AVX2 that
     reuses kernels an AVX-512 run cached trains to NaN or dies in ``free()``, and the other
     way round (docs/performance.md, "Is it the instruction set?"). One folder per pair keeps
-    them apart. Must run before inductor first reads its cache folder.
+    them apart. Must run before ``torch._dynamo`` is first imported: its import fixes the
+    folder (and sets the variable), after which this sees a chosen folder and does nothing.
     """
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return None

@@ -45,3 +45,21 @@ def test_compile_cache_is_kept_apart_per_instruction_set(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen/by/the/user")
     assert separate_compile_cache() is None
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen/by/the/user"
+
+
+def test_the_cli_keeps_the_compile_cache_apart_before_dynamo_fixes_it(tmp_path):
+    """``import torch._dynamo`` sets TORCHINDUCTOR_CACHE_DIR to the shared default; the CLI
+    must choose its folder first (checked in a fresh process, where dynamo is not loaded)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCHINDUCTOR_CACHE_DIR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    code = ("import os\n"
+            "from ddkd.cli import main\n"
+            "assert main(['inspect', 'missing.h5']) == 2  # any command: main runs first\n"
+            "import torch._dynamo  # what torch.compile imports\n"
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout.strip()
+    assert os.path.basename(out).startswith("ddkd-") and "-onednn-" in out, out

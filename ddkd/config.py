@@ -105,8 +105,8 @@ class TeacherConfig:
     weight_decay: float = 5e-4
     proj_dim: int = 1024  # width of the projection head
     knn_k: int = 20
-    # fp32 | bf16: the SSL step's forward under bfloat16 autocast (1.7x on CPUs with bfloat16
-    # units; lightly's loss and the parameters stay float32)
+    # fp32 | bf16: the SSL step's forward under bfloat16 autocast (faster on CPUs with bfloat16
+    # units, see docs/performance.md; lightly's loss and the parameters stay float32)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -170,7 +170,8 @@ class ExpertConfig:
     # Kulkarni et al. train every stage to convergence)
     stage_epochs: int = 2
     # torch.compile the students' training step: auto (when a C++ compiler / Triton is there),
-    # on, off. 1.2-1.3x on 2 CPU cores; float-tolerance, not bitwise, equal to eager.
+    # on, off. Faster on CPUs too (docs/performance.md); float-tolerance, not bitwise, equal to
+    # eager.
     compile: str = "auto"
     # fp32 (MKDT) | bf16: the students' forward under torch.autocast (ddkd.runtime.autocast_dtype)
     precision: str = "fp32"

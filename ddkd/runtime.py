@@ -206,11 +206,11 @@ def tune_cpu_allocator() -> dict:
     PyTorch's CPU tensors come from ``malloc``; glibc serves every block over 128 KiB-32 MiB
     by a fresh ``mmap`` and hands it back by ``munmap`` when freed. A training step frees and
     re-allocates the same activation buffers every time, so each step pays for page faults
-    that zero the pages again: measured on 2 cores, a third to a half of expert training's
-    time went to the kernel. ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` make
-    ``malloc`` reuse that memory: expert training (batch 256, Fashion-MNIST shape) went from
-    530-620 to 870-1030 images/s eager and from 1035 to 1316 compiled, with the same results
-    bit for bit. The price: the resident memory stays at its peak until the process ends.
+    that zero the pages again: on 2 cores a large share of expert training's time went to
+    the kernel. ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` make ``malloc``
+    reuse that memory, so expert training runs markedly faster (docs/performance.md) with the
+    same results bit for bit. The price: the resident memory stays at its peak until the
+    process ends.
     ``DDKD_MALLOC=default`` leaves the allocator alone.
     """
     import ctypes

@@ -315,7 +315,7 @@ class SynthConfig:
 
 #: the baselines of ``ddkd evaluate`` (ddkd.eval.runner builds them)
 BASELINES = ("none", "random", "random-views", "high-loss", "ssl-random", "full", "teacher")
-DEFAULT_BASELINES = ("none", "random", "random-views", "high-loss", "ssl-random", "teacher")
+DEFAULT_BASELINES = ("none", "random", "high-loss", "ssl-random", "teacher")
 PROBES = ("lbfgs", "sgd", "knn")  # ddkd.eval.probe, ddkd.probes
 EVAL_ARCHS = ("convnet", "resnet10", "resnet18")  # the encoders of ddkd.eval.pretrain
 EVAL_FLAGS = {"baselines": "--baselines", "downstream": "--downstream",

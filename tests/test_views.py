@@ -452,6 +452,11 @@ def test_random_views_without_a_viewed_set_is_refused_before_any_work(tmp_path,
     import ddkd.eval.runner as runner
 
     _, _, plain = make_tiny_run_and_set(tmp_path)
+    from ddkd.config import EvalConfig
+
+    plan = runner.prepare([str(plain)], None, EvalConfig(seeds=1, fractions=(0.5,)),
+                          torch.device("cpu"))
+    assert "random-views" not in plan.record["baselines"]  # not a plain set's default
     monkeypatch.setattr(runner, "_job_rows", lambda *a: pytest.fail("work began"))
     code = main(["evaluate", str(plain), "--baselines", "none,random-views",
                  "--out", str(tmp_path / "eval"), "--no-progress"])

@@ -6,16 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-# What to expect (docs/performance.md): measured on 2 cores of an AVX512-BF16 Xeon, 180 s +
-# 245 s + 432 s (2026-11-29); on 2 cores of an AVX2-only EPYC teach alone took 881 s
-# (2026-12-01), 4.9x, and the later stages are the same kind of work.
+# What to expect (docs/performance.md): about 15 minutes on 2 cores with AVX-512 kernels; about
+# 31 with PyTorch's kernels limited to AVX2 on the same CPU (2026-12-02); older AVX2-only CPUs
+# take longer (their teach alone 881 s, 2026-12-01). The kernel set is PyTorch's own choice, so
+# ask it (ATEN_CPU_CAPABILITY lowers it).
 cores=$(nproc)
-if grep -q -w avx512f /proc/cpuinfo 2>/dev/null; then
-  echo "demo: about 15 minutes on 2 cores with AVX-512 ($cores cores here); re-running resumes"
-else
-  echo "demo: about an hour on 2 AVX2-only cores ($cores cores here: no AVX-512, so PyTorch's" \
-       "slower kernels); re-running resumes whatever was interrupted"
-fi
+capability=$(.venv/bin/python -c "import torch; print(torch.backends.cpu.get_cpu_capability())" \
+             2>/dev/null || echo unknown)
+case "$capability" in
+  AVX512*) echo "demo: about 15 minutes on 2 cores with AVX-512 kernels ($cores cores here);" \
+                "re-running resumes" ;;
+  *) echo "demo: about 30 minutes on 2 cores with $capability kernels, longer on older CPUs" \
+          "($cores cores here); re-running resumes whatever was interrupted" ;;
+esac
 ddkd=.venv/bin/ddkd
 out=${1:-runs/demo}
 set_file="$out/fashion-mnist_ipc10_seed0.h5"

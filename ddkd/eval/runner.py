@@ -166,7 +166,7 @@ def _random_kd(d: _RealData) -> Method:
 
 def _random_views_kd(d: _RealData) -> Method:
     """The fair control of a set made with predefined views: the random subset of ``random``
-    used as a viewed set is, every image under each of the set's views with the teacher's
+    used as a viewed set: every image under each of the set's views with the teacher's
     target of that viewed image (what ``synthesize --views`` starts its targets from), so
     that it pre-trains on as many (image, view) pairs, for as many steps."""
     views = next(s.views for s in d.sets if s.views)  # checked by _baseline_names

@@ -79,7 +79,8 @@ def test_sgd_and_knn_probes_run_end_to_end(tiny, tmp_path):
     ("extra", "match"),
     [
         (["--baselines", "magic"],
-         "unknown ['magic']; valid: none, random, random-views, high-loss, ssl-random, full, teacher"),
+         "unknown ['magic']; valid: none, random, random-views, high-loss, ssl-random, full, "
+         "teacher"),
         (["--fractions", "0.01"], "leaves 0.20 labels for class 0"),
         (["--probe", "svm"], "--probe 'svm' is unknown"),
         (["--downstream", "cifar10-samples"], "ddkd does not resize or convert channels"),
